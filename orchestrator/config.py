@@ -1,0 +1,257 @@
+"""`FleetConfig`: the one configuration schema of a Flotilla fleet.
+
+The same schema is read from a Serve YAML's application args, from the file that
+`flotilla up --config` takes, and from the Helm values' `fleet:` section. Bad config
+is refused at load with a message naming the field (`pools[1].model: ...`).
+
+Units: seconds, tokens, watts, US dollars per GPU-hour.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policies.fleet_view import SloClass
+from policies.perfmodel import GPU_CATALOG, MODEL_PRESETS, TransformerSpec
+from policies.routing import DEFAULT_ROUTING
+from policies.scorers import SCORERS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchConfig(_Strict):
+    """A transformer's shape, for the performance model (see policies.perfmodel)."""
+
+    params: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    dtype_bytes: int = Field(default=2, gt=0)
+
+
+class ModelConfig(_Strict):
+    """A served model. `name` is what clients put in `model`."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._\-/]+$")
+    path: str | None = None  # checkpoint directory (vllm engine); relative paths are from the repo root
+    tokenizer: str | None = None  # "byte" or a directory; default: `path`, else "byte"
+    arch: str | ArchConfig | None = None  # a preset name (policies.perfmodel.MODEL_PRESETS) or a shape
+    max_model_len: int = Field(default=2048, gt=0)  # tokens
+    block_size: int = Field(default=16, gt=0)  # tokens per KV block
+
+    @field_validator("arch")
+    @classmethod
+    def _known_preset(cls, arch: str | ArchConfig | None) -> str | ArchConfig | None:
+        if isinstance(arch, str) and arch not in MODEL_PRESETS:
+            raise ValueError(f"unknown arch preset {arch!r} (known: {', '.join(sorted(MODEL_PRESETS))})")
+        return arch
+
+    @model_validator(mode="after")
+    def _needs_a_shape(self) -> ModelConfig:
+        if self.arch is None and self.path is None:
+            raise ValueError("set `arch` (a preset or a shape) or `path` (read from its config.json)")
+        return self
+
+    def transformer_spec(self) -> TransformerSpec:
+        """The shape the performance model uses: the preset, the given shape, or the checkpoint's."""
+        if isinstance(self.arch, str):
+            return MODEL_PRESETS[self.arch]
+        if isinstance(self.arch, ArchConfig):
+            return TransformerSpec(name=self.name, **self.arch.model_dump())
+        config_json = self.resolved_path / "config.json"
+        try:
+            return TransformerSpec.from_hf_config(json.loads(config_json.read_text()), name=self.name)
+        except FileNotFoundError:
+            raise ConfigError(f"models[{self.name!r}].path: no config.json in {config_json.parent}") from None
+
+    @property
+    def resolved_path(self) -> Path | None:
+        return resolve_path(self.path) if self.path else None
+
+    @property
+    def tokenizer_spec(self) -> str:
+        if self.tokenizer:
+            return self.tokenizer if self.tokenizer == "byte" else str(resolve_path(self.tokenizer))
+        return str(self.resolved_path) if self.path else "byte"
+
+
+class PoolConfig(_Strict):
+    """A pool of GPUs of one type running replicas of one model with one engine."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")  # DNS label: it names k8s objects
+    gpu_type: str
+    model: str
+    engine: Literal["vllm", "sim"] = "sim"
+    replicas: int = Field(default=1, ge=0)  # desired replicas at start
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=8, ge=0)
+    gpus_per_replica: int = Field(default=1, ge=0)  # 0 for the CPU pseudo-device
+    price_per_gpu_hour: float | None = Field(default=None, ge=0)  # default: the catalog's
+    max_queue: int = Field(default=256, gt=0)  # waiting requests a replica accepts
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # passed to the engine as is
+    env: dict[str, str] = Field(default_factory=dict)  # environment of the replica processes
+    node_selector: dict[str, str] = Field(default_factory=dict)  # Kubernetes only
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)  # Kubernetes only
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, gpu_type: str) -> str:
+        if gpu_type not in GPU_CATALOG:
+            raise ValueError(f"unknown GPU type {gpu_type!r} (known: {', '.join(sorted(GPU_CATALOG))})")
+        return gpu_type
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolConfig:
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(
+                f"need min_replicas <= replicas <= max_replicas, got "
+                f"{self.min_replicas} <= {self.replicas} <= {self.max_replicas}"
+            )
+        return self
+
+    @property
+    def price_per_hour(self) -> float:
+        """$/h of one GPU of this pool."""
+        if self.price_per_gpu_hour is not None:
+            return self.price_per_gpu_hour
+        return GPU_CATALOG[self.gpu_type].price_per_hour
+
+
+class SloClassConfig(_Strict):
+    name: str = Field(min_length=1)
+    ttft_s: float = Field(gt=0)  # time to first token target, seconds
+    tpot_s: float = Field(gt=0)  # time per output token target, seconds
+    priority: int = 0  # higher is more important
+
+    def to_policy(self) -> SloClass:
+        return SloClass(self.name, self.ttft_s, self.tpot_s, self.priority)
+
+
+class RoutingConfig(_Strict):
+    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_ROUTING.weights))
+    # utilisation above which a replica is skipped while others are below it
+    load_guard: float = Field(default=DEFAULT_ROUTING.load_guard, gt=0, le=1)
+    agents: int = Field(default=2, ge=1)  # router agent actors
+    share_interval_s: float = Field(default=0.05, gt=0)  # how often agents swap fresh bookings
+    booking_ttl_s: float = Field(default=3.0, gt=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_scorers(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(SCORERS))
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {unknown} (known: {', '.join(sorted(SCORERS))})")
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError("weights must be >= 0 and at least one > 0")
+        return weights
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    api_keys: list[str] = Field(default_factory=list)  # empty: the OpenAI API needs no key
+    admission_timeout_s: float = Field(default=5.0, gt=0)  # a full fleet answers 429 after this
+    retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header on 429/503
+    ingress_replicas: int = Field(default=1, ge=1)
+
+
+class ControllerConfig(_Strict):
+    control_period_s: float = Field(default=0.5, gt=0)  # one reconcile tick
+    stats_timeout_s: float = Field(default=2.0, gt=0)  # a replica that does not answer is suspect
+    replica_start_timeout_s: float = Field(default=300.0, gt=0)
+    metrics_port: int = Field(default=9464, ge=0, lt=65536)  # 0: do not serve metrics
+
+
+class FleetConfig(_Strict):
+    """A whole fleet: models, GPU pools, SLO classes, routing, server and controller settings."""
+
+    namespace: str = "flotilla"  # Ray namespace of every named actor
+    models: list[ModelConfig] = Field(min_length=1)
+    pools: list[PoolConfig] = Field(min_length=1)
+    slo_classes: list[SloClassConfig] = Field(
+        default_factory=lambda: [
+            SloClassConfig(name="interactive", ttft_s=1.0, tpot_s=0.1, priority=10),
+            SloClassConfig(name="batch", ttft_s=30.0, tpot_s=1.0, priority=0),
+        ]
+    )
+    default_slo_class: str = "interactive"
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> FleetConfig:
+        _unique("models", [m.name for m in self.models])
+        _unique("pools", [p.name for p in self.pools])
+        _unique("slo_classes", [c.name for c in self.slo_classes])
+        models = {m.name: m for m in self.models}
+        for i, pool in enumerate(self.pools):
+            if pool.model not in models:
+                raise ValueError(f"pools[{i}].model: unknown model {pool.model!r} (known: {', '.join(models)})")
+            if pool.engine == "vllm" and models[pool.model].path is None:
+                raise ValueError(f"pools[{i}].engine: vllm needs models[{pool.model!r}].path")
+        if self.default_slo_class not in {c.name for c in self.slo_classes}:
+            raise ValueError(f"default_slo_class: no SLO class named {self.default_slo_class!r}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def pool(self, name: str) -> PoolConfig | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+
+class ConfigError(ValueError):
+    """Config refused; the message names every offending field."""
+
+
+def _unique(field: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{field}: duplicate name(s) {dupes}")
+
+
+def resolve_path(path: str) -> Path:
+    """A config path: absolute as is, relative from the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def parse_config(data: Mapping[str, Any]) -> FleetConfig:
+    """Validate a mapping; raise ConfigError naming each bad field."""
+    try:
+        return FleetConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    """Read a YAML file holding a FleetConfig (at the top level or under `fleet:`)."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data.get("fleet", data))
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid fleet config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,95 @@
+"""`ControllerClient`: the only code that calls the controller actor through Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from orchestrator.config import FleetConfig
+from orchestrator.controller import FleetStatus
+from orchestrator.controller_actor import ControllerActor
+from orchestrator.metrics import Observation
+from policies.fleet_view import FleetView
+
+CONTROLLER_NAME = "controller"
+
+
+class ControllerUnavailable(RuntimeError):
+    pass
+
+
+class ControllerClient:
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    @classmethod
+    def get_or_create(cls, config: FleetConfig) -> ControllerClient:
+        """Attach to the fleet's controller, creating it (detached, on the head node) if absent."""
+        handle = ray.remote(ControllerActor).options(
+            name=CONTROLLER_NAME,
+            namespace=config.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(_head_node_id(), soft=True),
+        ).remote(config.model_dump(mode="json"))
+        return cls(handle)
+
+    @classmethod
+    def lookup(cls, namespace: str) -> ControllerClient:
+        try:
+            return cls(ray.get_actor(CONTROLLER_NAME, namespace=namespace))
+        except ValueError:
+            raise ControllerUnavailable(f"no controller in namespace {namespace!r}") from None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        await self._call(self._handle.start.remote(), timeout_s)
+
+    def start_soon(self) -> None:
+        """Start the reconcile loop without waiting (for synchronous constructors)."""
+        self._handle.start.remote()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        return await self._call(self._handle.wait_ready.remote(timeout_s), timeout_s + 30.0)
+
+    async def fleet_view(self, timeout_s: float = 5.0) -> FleetView | None:
+        return await self._call(self._handle.fleet_view.remote(), timeout_s)
+
+    async def status(self, timeout_s: float = 5.0) -> FleetStatus:
+        return await self._call(self._handle.status.remote(), timeout_s)
+
+    async def router_ids(self, timeout_s: float = 5.0) -> list[str]:
+        return await self._call(self._handle.router_ids.remote(), timeout_s)
+
+    async def shutdown_fleet(self, timeout_s: float = 60.0) -> None:
+        await self._call(self._handle.shutdown_fleet.remote(), timeout_s)
+
+    def send_metrics(self, observations: Iterable[Observation]) -> None:
+        """Fire and forget: losing one batch of observations costs accuracy, not availability."""
+        self._handle.record_metrics.remote(tuple(observations))
+
+    def kill(self) -> None:
+        try:
+            ray.kill(self._handle, no_restart=True)
+        except (RayActorError, ValueError):
+            pass  # already gone
+
+    async def _call(self, ref: Any, timeout_s: float) -> Any:
+        try:
+            return await asyncio.wait_for(ref, timeout_s)
+        except (TimeoutError, GetTimeoutError):
+            raise ControllerUnavailable(f"controller gave no answer within {timeout_s:g}s") from None
+        except RayActorError as e:
+            raise ControllerUnavailable(str(e).splitlines()[0]) from None
+
+
+def _head_node_id() -> str:
+    head = next((n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
+    return head["NodeID"] if head else ray.get_runtime_context().get_node_id()

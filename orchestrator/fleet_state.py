@@ -1,0 +1,110 @@
+"""The controller's record of the fleet: replicas and their lifecycle.
+
+The controller owns this state; everything else sees frozen snapshots of it
+(`policies.fleet_view`). Each state change is one method that checks where the
+replica starts from, so an impossible transition fails loudly instead of corrupting
+the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from actors.engines.base import EngineStats
+from actors.replica_spec import ReplicaSpec
+from policies.fleet_view import ReplicaState
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class ReplicaRecord:
+    """One replica as the controller knows it. Times are wall-clock seconds."""
+
+    spec: ReplicaSpec
+    created_at: float
+    state: ReplicaState = ReplicaState.STARTING
+    node_id: str = ""
+    ready_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str = ""
+    stats: EngineStats | None = None
+    last_seen: float | None = None
+    missed_polls: int = 0
+
+    @property
+    def replica_id(self) -> str:
+        return self.spec.replica_id
+
+    @property
+    def pool(self) -> str:
+        return self.spec.pool
+
+    @property
+    def serving(self) -> bool:
+        """Holds requests the fleet must keep track of."""
+        return self.state in (ReplicaState.READY, ReplicaState.DRAINING, ReplicaState.UNHEALTHY)
+
+    def _move(self, to: ReplicaState, *allowed_from: ReplicaState) -> None:
+        if self.state not in allowed_from:
+            raise InvalidTransition(f"replica {self.replica_id}: {self.state.value} -> {to.value} not allowed")
+        self.state = to
+
+    def mark_ready(self, node_id: str, now: float) -> None:
+        self._move(ReplicaState.READY, ReplicaState.STARTING)
+        self.node_id, self.ready_at, self.last_seen = node_id, now, now
+
+    def mark_draining(self) -> None:
+        self._move(ReplicaState.DRAINING, ReplicaState.READY, ReplicaState.UNHEALTHY)
+
+    def mark_unhealthy(self) -> None:
+        self._move(ReplicaState.UNHEALTHY, ReplicaState.READY)
+
+    def mark_recovered(self) -> None:
+        self._move(ReplicaState.READY, ReplicaState.UNHEALTHY)
+
+    def mark_stopped(self, now: float, reason: str) -> None:
+        self._move(ReplicaState.STOPPED, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING,
+                   ReplicaState.UNHEALTHY)
+        self.ended_at, self.end_reason = now, reason
+
+    def mark_dead(self, now: float, reason: str) -> None:
+        self._move(ReplicaState.DEAD, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING,
+                   ReplicaState.UNHEALTHY)
+        self.ended_at, self.end_reason = now, reason
+
+    def observe(self, stats: EngineStats, now: float) -> None:
+        self.stats, self.last_seen, self.missed_polls = stats, now, 0
+
+
+@dataclass
+class FleetState:
+    """All replicas, live and recently ended (kept `retention_s` for the record)."""
+
+    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    retention_s: float = 600.0
+
+    def add(self, record: ReplicaRecord) -> None:
+        if record.replica_id in self.replicas:
+            raise ValueError(f"replica {record.replica_id} already exists")
+        self.replicas[record.replica_id] = record
+
+    def get(self, replica_id: str) -> ReplicaRecord | None:
+        return self.replicas.get(replica_id)
+
+    def live(self) -> Iterator[ReplicaRecord]:
+        return (r for r in self.replicas.values() if not r.state.terminal)
+
+    def in_pool(self, pool: str) -> list[ReplicaRecord]:
+        return [r for r in self.live() if r.pool == pool]
+
+    def forget_ended(self, now: float) -> list[str]:
+        """Drop ended replicas older than the retention window; returns their ids."""
+        gone = [r.replica_id for r in self.replicas.values()
+                if r.ended_at is not None and now - r.ended_at > self.retention_s]
+        for replica_id in gone:
+            del self.replicas[replica_id]
+        return gone

@@ -1,0 +1,212 @@
+"""Keeps each pool at its desired number of replicas and watches their health.
+
+One `update()` per controller tick: poll every started replica's stats (in parallel,
+bounded by `stats_timeout_s`), then start or drain replicas until each pool matches
+its target, then stop drained replicas once they are empty. Starting a replica is a
+background task, so a slow model load never stalls the tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+from actors.engines.base import EngineStats
+from actors.replica import ReplicaInfo
+from actors.replica_client import ReplicaClient, ReplicaPlacement, ReplicaUnavailable
+from actors.replica_spec import ReplicaSpec
+from orchestrator.config import FleetConfig, PoolConfig
+from orchestrator.fleet_state import FleetState, ReplicaRecord
+from policies.fleet_view import ReplicaState
+
+log = logging.getLogger(__name__)
+
+MISSED_POLLS_UNHEALTHY = 3  # consecutive unanswered stats polls before a replica is unhealthy
+
+
+class ReplicaHandle(Protocol):
+    """What the manager needs of a replica; `ReplicaClient` in production, a fake in tests."""
+
+    replica_id: str
+
+    async def start(self, timeout_s: float) -> ReplicaInfo: ...
+    async def stats(self, timeout_s: float) -> EngineStats: ...
+    async def shutdown(self, timeout_s: float = 30.0) -> None: ...
+    def kill(self) -> None: ...
+
+
+Launcher = Callable[[ReplicaSpec, ReplicaPlacement], ReplicaHandle]
+
+
+def ray_launcher(namespace: str) -> Launcher:
+    return lambda spec, placement: ReplicaClient.create(spec, namespace, placement)
+
+
+def placement_for(pool: PoolConfig) -> ReplicaPlacement:
+    """GPU pools land on their GPU type through Ray's `accelerator_type:<TYPE>` resource."""
+    env = tuple(sorted(pool.env.items()))
+    if pool.gpus_per_replica == 0:
+        return ReplicaPlacement(num_cpus=1.0, env=env)
+    return ReplicaPlacement(
+        num_cpus=0.0,
+        num_gpus=float(pool.gpus_per_replica),
+        resources=((f"accelerator_type:{pool.gpu_type}", 0.001),),
+        env=env,
+    )
+
+
+def spec_for(config: FleetConfig, pool: PoolConfig, replica_id: str) -> ReplicaSpec:
+    model = config.model(pool.model)
+    assert model is not None, "FleetConfig validation guarantees every pool's model exists"
+    return ReplicaSpec(
+        replica_id=replica_id,
+        pool=pool.name,
+        model=model.name,
+        gpu_type=pool.gpu_type,
+        engine=pool.engine,
+        arch=model.transformer_spec(),
+        tokenizer=model.tokenizer_spec,
+        model_path=str(model.resolved_path) if model.path else None,
+        max_model_len=model.max_model_len,
+        block_size=model.block_size,
+        max_queue=pool.max_queue,
+        engine_args=dict(pool.engine_args),
+    )
+
+
+class ReplicaManager:
+    def __init__(self, config: FleetConfig, state: FleetState, launcher: Launcher, clock: Callable[[], float]):
+        self.config = config
+        self.state = state
+        self.launcher = launcher
+        self.clock = clock
+        self.desired: dict[str, int] = {p.name: p.replicas for p in config.pools}
+        self.handles: dict[str, ReplicaHandle] = {}
+        self._starting: dict[str, asyncio.Task] = {}
+
+    async def update(self) -> None:
+        now = self.clock()
+        await self._poll(now)
+        for pool in self.config.pools:
+            self._scale(pool, now)
+        await self._finish_drains(now)
+        for replica_id in self.state.forget_ended(now):
+            self.handles.pop(replica_id, None)
+
+    def set_desired(self, pool: str, replicas: int) -> None:
+        cfg = self.config.pool(pool)
+        if cfg is None:
+            raise KeyError(f"no pool named {pool!r}")
+        if not cfg.min_replicas <= replicas <= cfg.max_replicas:
+            raise ValueError(f"pool {pool}: {replicas} replicas is outside [{cfg.min_replicas}, {cfg.max_replicas}]")
+        self.desired[pool] = replicas
+
+    def ready(self) -> bool:
+        """Every pool has its desired number of READY replicas."""
+        return all(
+            sum(r.state is ReplicaState.READY for r in self.state.in_pool(pool)) >= n
+            for pool, n in self.desired.items()
+        )
+
+    async def stop_all(self) -> None:
+        for task in self._starting.values():
+            task.cancel()
+        for record in list(self.state.live()):
+            handle = self.handles.get(record.replica_id)
+            if handle is not None:
+                handle.kill()
+            record.mark_stopped(self.clock(), "fleet shut down")
+
+    # observe --------------------------------------------------------------------------
+
+    async def _poll(self, now: float) -> None:
+        records = [r for r in self.state.live() if r.serving]
+        results = await asyncio.gather(*(self._poll_one(r) for r in records), return_exceptions=True)
+        for record, result in zip(records, results):
+            if isinstance(result, EngineStats):
+                record.observe(result, now)
+                if record.state is ReplicaState.UNHEALTHY:
+                    record.mark_recovered()
+            elif isinstance(result, ReplicaUnavailable) and result.dead:
+                self._declare_dead(record, now, str(result))
+            else:
+                record.missed_polls += 1
+                if record.missed_polls >= MISSED_POLLS_UNHEALTHY and record.state is ReplicaState.READY:
+                    log.warning("replica %s unhealthy: %s", record.replica_id, result)
+                    record.mark_unhealthy()
+
+    async def _poll_one(self, record: ReplicaRecord) -> EngineStats:
+        return await self.handles[record.replica_id].stats(self.config.controller.stats_timeout_s)
+
+    def _declare_dead(self, record: ReplicaRecord, now: float, reason: str) -> None:
+        log.warning("replica %s dead: %s", record.replica_id, reason)
+        record.mark_dead(now, reason)
+        handle = self.handles.get(record.replica_id)
+        if handle is not None:
+            handle.kill()
+
+    # act ------------------------------------------------------------------------------
+
+    def _scale(self, pool: PoolConfig, now: float) -> None:
+        active = [r for r in self.state.in_pool(pool.name) if r.state is not ReplicaState.DRAINING]
+        missing = self.desired[pool.name] - len(active)
+        for _ in range(max(0, missing)):
+            self._launch(pool, now)
+        if missing < 0:
+            for record in self._scale_in_victims(active, -missing):
+                self._retire(record, now)
+
+    def _launch(self, pool: PoolConfig, now: float) -> None:
+        replica_id = f"{pool.name}-{uuid.uuid4().hex[:8]}"
+        spec = spec_for(self.config, pool, replica_id)
+        record = ReplicaRecord(spec=spec, created_at=now)
+        self.state.add(record)
+        self.handles[replica_id] = self.launcher(spec, placement_for(pool))
+        self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record))
+
+    async def _start(self, record: ReplicaRecord) -> None:
+        handle = self.handles[record.replica_id]
+        try:
+            info = await handle.start(self.config.controller.replica_start_timeout_s)
+        except Exception as e:  # noqa: BLE001 — any failure to start is this replica's death
+            if record.state is ReplicaState.STARTING:
+                self._declare_dead(record, self.clock(), f"failed to start: {e}")
+        else:
+            if record.state is ReplicaState.STARTING:
+                record.mark_ready(info.node_id, self.clock())
+                log.info("replica %s ready on node %s (%.1fs)", record.replica_id, info.node_id[:8], info.load_s)
+        finally:
+            self._starting.pop(record.replica_id, None)
+
+    @staticmethod
+    def _scale_in_victims(active: list[ReplicaRecord], n: int) -> list[ReplicaRecord]:
+        # starting replicas hold no requests; then the least loaded
+        def load(r: ReplicaRecord) -> tuple[int, int, str]:
+            busy = (r.stats.running + r.stats.waiting) if r.stats else 0
+            return (r.state is not ReplicaState.STARTING, busy, r.replica_id)
+
+        return sorted(active, key=load)[:n]
+
+    def _retire(self, record: ReplicaRecord, now: float) -> None:
+        if record.state is ReplicaState.STARTING:
+            task = self._starting.pop(record.replica_id, None)
+            if task:
+                task.cancel()
+            self.handles[record.replica_id].kill()
+            record.mark_stopped(now, "scaled in before ready")
+        else:
+            record.mark_draining()
+
+    async def _finish_drains(self, now: float) -> None:
+        for record in [r for r in self.state.live() if r.state is ReplicaState.DRAINING]:
+            if record.stats is not None and record.stats.running + record.stats.waiting == 0:
+                handle = self.handles[record.replica_id]
+                try:
+                    await handle.shutdown(timeout_s=10.0)
+                except ReplicaUnavailable:
+                    pass  # it is going away either way
+                handle.kill()
+                record.mark_stopped(now, "drained")

@@ -1,0 +1,117 @@
+"""`RequestStream`: one accepted request, owned by the ingress until it ends.
+
+It records every token the client has been sent. If the replica serving it becomes
+unavailable mid-stream, it asks for another replica and resumes there from that
+record (prompt + tokens sent): the client sees no gap, no duplicate and no restart.
+An accepted request ends in completion or in a clear `StreamFailed`; it is never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from actors.engines.base import EngineOverloaded, FinishReason, GenerationRequest, TokenDelta
+from actors.replica_client import ReplicaUnavailable
+from orchestrator.dispatcher import Dispatcher
+from policies.fleet_view import RoutingRequest
+
+log = logging.getLogger(__name__)
+
+
+class StreamFailed(RuntimeError):
+    """The request could not be completed; the message says why."""
+
+
+class RequestStream:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        routing: RoutingRequest,
+        dispatcher: Dispatcher,
+        *,
+        max_resumes: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.request = request
+        self.routing = routing
+        self.dispatcher = dispatcher
+        self.max_resumes = max_resumes
+        self.clock = clock
+        self.arrived_at = clock()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.output_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.replica_id: str | None = None
+        self.resumes = 0
+        self.num_cached_tokens = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    async def deltas(self) -> AsyncIterator[TokenDelta]:
+        """The client's stream: contiguous deltas from index 0, the last one finished."""
+        while self.finish_reason is None:
+            replica, decision = await self.dispatcher.assign(self.routing)
+            self.replica_id = replica.replica_id
+            try:
+                async for delta in replica.generate(self._pending_request()):
+                    fresh = self._accept(delta)
+                    if fresh is not None:
+                        yield fresh
+                if self.finish_reason is None:
+                    # the replica aborted it (drained, migrated away, shut down): continue elsewhere
+                    raise ReplicaUnavailable(replica.replica_id, "stream ended without finishing", dead=False)
+            except EngineOverloaded:
+                self._avoid(replica.replica_id)  # full since the router looked; nothing was sent
+            except ReplicaUnavailable as e:
+                self._avoid(replica.replica_id)
+                self.dispatcher.forget_replica(replica.replica_id)
+                self.resumes += 1
+                if self.resumes > self.max_resumes:
+                    raise StreamFailed(f"gave up after {self.max_resumes} resumes; last: {e}") from e
+                log.warning("request %s: %s; resuming after %d tokens", self.request_id, e, len(self.output_ids))
+
+    def _pending_request(self) -> GenerationRequest:
+        """The request as it stands: fresh, or resumed after the tokens already sent."""
+        return replace(self.request, output_token_ids=tuple(self.output_ids))
+
+    def _accept(self, delta: TokenDelta) -> TokenDelta | None:
+        """Trim what the client already has; refuse a gap (a broken engine contract)."""
+        sent = len(self.output_ids)
+        if delta.index > sent:
+            raise StreamFailed(f"request {self.request_id}: replica skipped tokens {sent}..{delta.index - 1}")
+        overlap = sent - delta.index
+        if overlap:
+            delta = replace(delta, index=sent, token_ids=delta.token_ids[overlap:])
+        now = self.clock()
+        if delta.token_ids:
+            self.output_ids.extend(delta.token_ids)
+            self.first_token_at = self.first_token_at or now
+            self.last_token_at = now
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        if delta.finish_reason is FinishReason.ABORT:
+            # Not the client's abort (that closes this stream instead): the replica let go of it.
+            delta = replace(delta, finish_reason=None)
+        self.finish_reason = delta.finish_reason
+        return delta if (delta.token_ids or delta.text or delta.finished) else None
+
+    def _avoid(self, replica_id: str) -> None:
+        self.routing = replace(self.routing, exclude=self.routing.exclude | {replica_id})
+
+    # timings, seconds ---------------------------------------------------------------
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrived_at
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_token_at is None or len(self.output_ids) < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (len(self.output_ids) - 1)

@@ -1,0 +1,72 @@
+"""Keeps the router agents alive, introduced to each other, and holding the latest view.
+
+Agents are detached actors Ray restarts on failure; a restarted agent has lost its
+view and its peers, which the next `update()` gives back (its reported peer count is
+wrong, or the call failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from actors.router import RouterAgentInfo
+from actors.router_client import RouterClient, RouterUnavailable
+from orchestrator.config import FleetConfig
+from policies.fleet_view import FleetView
+
+log = logging.getLogger(__name__)
+
+
+class RouterHandle(Protocol):
+    agent_id: str
+
+    async def update_view(self, view: FleetView, timeout_s: float = 2.0) -> RouterAgentInfo: ...
+    async def set_peers(self, agent_ids: list[str], timeout_s: float = 5.0) -> None: ...
+
+
+RouterLauncher = Callable[[str, Mapping[str, Any]], RouterHandle]
+
+
+def ray_router_launcher(namespace: str) -> RouterLauncher:
+    return lambda agent_id, settings: RouterClient.create(agent_id, namespace, settings)
+
+
+def agent_ids_of(config: FleetConfig) -> list[str]:
+    return [f"agent-{i}" for i in range(config.routing.agents)]
+
+
+def agent_settings(config: FleetConfig) -> dict[str, Any]:
+    r = config.routing
+    return dict(weights=dict(r.weights), load_guard=r.load_guard, share_interval_s=r.share_interval_s,
+                booking_ttl_s=r.booking_ttl_s)
+
+
+class RouterManager:
+    def __init__(self, config: FleetConfig, launcher: RouterLauncher):
+        self.agent_ids = agent_ids_of(config)
+        settings = agent_settings(config)
+        self.handles = {a: launcher(a, settings) for a in self.agent_ids}
+        self.failures: dict[str, str] = {}
+
+    async def publish(self, view: FleetView) -> None:
+        """Push `view` to every agent; re-introduce agents that lost their peers."""
+        results = await asyncio.gather(
+            *(self.handles[a].update_view(view) for a in self.agent_ids), return_exceptions=True
+        )
+        for agent_id, result in zip(self.agent_ids, results):
+            if isinstance(result, RouterAgentInfo):
+                self.failures.pop(agent_id, None)
+                if result.peers != len(self.agent_ids) - 1:
+                    await self._introduce(agent_id)
+            else:
+                self.failures[agent_id] = str(result)
+                log.warning("router agent %s did not take view %d: %s", agent_id, view.version, result)
+
+    async def _introduce(self, agent_id: str) -> None:
+        try:
+            await self.handles[agent_id].set_peers(self.agent_ids)
+        except RouterUnavailable as e:
+            self.failures[agent_id] = str(e)

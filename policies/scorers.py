@@ -1,0 +1,109 @@
+"""Routing scorers: each maps the candidates of one decision to scores in [0, 1].
+
+Higher is better. A scorer sees a `ScoringContext` (the request, the table and the
+candidates' rows with their utilisation and booked load) and returns one float64
+array aligned with `ctx.candidates`. A new heuristic is a new function here and an
+entry in `SCORERS`; the router is not edited. Scores are combined only in
+`policies.routing.combine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from policies.fleet_view import RoutingRequest, SloClass
+
+if TYPE_CHECKING:
+    from policies.routing import RoutingTable
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringContext:
+    """What every scorer of one decision sees. Arrays align with `candidates`."""
+
+    request: RoutingRequest
+    table: RoutingTable
+    candidates: np.ndarray  # rows of `table` still in the running, ascending
+    utilisation: np.ndarray  # in [0, 1], reported load plus bookings
+    booked_tokens: np.ndarray  # prompt tokens booked on each and not in its stats yet
+    slo: SloClass | None  # the request's class; None when the fleet defines none
+    now: float  # seconds, same clock as the replicas' observed_at
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric table column (see `RoutingTable.columns`) for the candidates."""
+        return self.table.columns[name][self.candidates]
+
+
+Scorer = Callable[[ScoringContext], np.ndarray]
+
+
+def load(ctx: ScoringContext) -> np.ndarray:
+    """Free throughput, normalised to the best candidate's.
+
+    free = max_batch_tokens_per_s x (1 - utilisation): tokens/s the replica could
+    still produce. Dividing by the largest free among the candidates makes a faster
+    GPU's spare room count for more than a slower GPU's (an idle L4 offers less than
+    a half-loaded H100). All zero when no candidate has room.
+    """
+    free = ctx.column("max_batch_tokens_per_s") * (1.0 - ctx.utilisation)
+    best = free.max()
+    return free / best if best > 0 else np.zeros_like(free)
+
+
+def kv(ctx: ScoringContext) -> np.ndarray:
+    """Free fraction of the KV cache, counting booked prompts as already placed."""
+    used = ctx.column("kv_blocks_used") + ctx.booked_tokens / ctx.column("block_size")
+    total = ctx.column("kv_blocks_total")
+    usage = np.divide(used, total, out=np.ones_like(used), where=total > 0)
+    return 1.0 - np.minimum(usage, 1.0)
+
+
+def prefix(ctx: ScoringContext) -> np.ndarray:
+    """Estimated prefix-cache hit: leading request blocks the replica holds / request blocks.
+
+    Zero everywhere for a request without full blocks.
+    """
+    n = len(ctx.request.block_hashes)
+    if n == 0:
+        return np.zeros(ctx.candidates.size)
+    return ctx.table.prefix.depth(ctx.request.block_hashes)[ctx.candidates] / n
+
+
+def slo_fit(ctx: ScoringContext) -> np.ndarray:
+    """How well the replica is predicted to meet the request's TTFT and TPOT targets.
+
+    TTFT = (queued prompt tokens + this prompt) / prefill_tokens_per_s, where the queue
+    is the reported waiting prompt tokens less what prefill has drained since
+    `observed_at`, plus booked tokens; this prompt counts in full (conservative: the
+    prefix scorer rewards cache hits). TPOT = decode_step_s x (1 + utilisation):
+    step time grows with the batch, doubling at full load. Each prediction scores
+    min(1, target / predicted); the replica scores the worse of the two. Without an
+    SLO class the target is the best candidate's prediction (relative fit).
+    """
+    prefill = ctx.column("prefill_tokens_per_s")
+    elapsed = np.maximum(ctx.now - ctx.column("observed_at"), 0.0)
+    queued = np.maximum(ctx.column("waiting_prompt_tokens") - prefill * elapsed, 0.0)
+    ttft = (queued + ctx.booked_tokens + ctx.request.prompt_tokens) / prefill
+    tpot = ctx.column("decode_step_s") * (1.0 + ctx.utilisation)
+    if ctx.slo is None:
+        ttft_target, tpot_target = ttft.min(), tpot.min()
+    else:
+        ttft_target, tpot_target = ctx.slo.ttft_s, ctx.slo.tpot_s
+    return np.minimum(_fit(ttft_target, ttft), _fit(tpot_target, tpot))
+
+
+def _fit(target: float, predicted: np.ndarray) -> np.ndarray:
+    """min(1, target / predicted), with a zero prediction meeting any target."""
+    return np.minimum(
+        np.divide(target, predicted, out=np.ones_like(predicted), where=predicted > 0), 1.0
+    )
+
+
+SCORERS: Mapping[str, Scorer] = MappingProxyType(
+    {"load": load, "kv": kv, "prefix": prefix, "slo_fit": slo_fit}
+)
