@@ -40,6 +40,7 @@ class ReplicaPlacement:
     num_gpus: float = 0.0
     resources: tuple[tuple[str, float], ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # environment variables of the replica's process
+    label_selector: tuple[tuple[str, str], ...] = ()  # Ray node labels, e.g. ("ray.io/node-id", "!in(a,b)")
 
 
 class ReplicaClient:
@@ -59,6 +60,7 @@ class ReplicaClient:
             num_gpus=placement.num_gpus,
             resources=dict(placement.resources),
             runtime_env={"env_vars": dict(placement.env)} if placement.env else None,
+            label_selector=dict(placement.label_selector) or None,
             max_restarts=0,  # the controller replaces dead replicas, with backoff
             max_concurrency=10_000,
         ).remote(spec)

@@ -31,6 +31,7 @@ class RouterAgentInfo:
     outstanding_bookings: int
     peers: int
     decisions: int
+    settings_version: int = 0  # of the routing settings it runs with (see `configure`)
 
 
 class RouterAgent:
@@ -55,7 +56,18 @@ class RouterAgent:
         self.table: RoutingTable | None = None
         self.peers: list = []
         self.decisions = 0
+        self.settings_version = 0
         self._sharing: asyncio.Task | None = None
+
+    def configure(self, version: int, weights: Mapping[str, float], load_guard: float, share_interval_s: float,
+                  booking_ttl_s: float) -> RouterAgentInfo:
+        """Adopt new routing settings (validated by the controller) unless they are older."""
+        if version > self.settings_version:
+            self.router = Router(weights, load_guard=load_guard)
+            self.share_interval_s = share_interval_s
+            self.bookings.ttl_s = booking_ttl_s
+            self.settings_version = version
+        return self.info()
 
     async def update_view(self, view: FleetView) -> RouterAgentInfo:
         """Adopt `view` unless the agent holds a newer one; returns what the agent holds after."""
@@ -94,6 +106,7 @@ class RouterAgent:
             outstanding_bookings=len(self.bookings),
             peers=len(self.peers),
             decisions=self.decisions,
+            settings_version=self.settings_version,
         )
 
     def _ensure_sharing(self) -> None:

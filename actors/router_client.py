@@ -57,6 +57,9 @@ class RouterClient:
     async def update_view(self, view: FleetView, timeout_s: float = 2.0) -> RouterAgentInfo:
         return await self._call(self._handle.update_view.remote(view), timeout_s)
 
+    async def configure(self, version: int, settings: Mapping[str, Any], timeout_s: float = 5.0) -> RouterAgentInfo:
+        return await self._call(self._handle.configure.remote(version, **settings), timeout_s)
+
     async def set_peers(self, agent_ids: list[str], timeout_s: float = 5.0) -> None:
         await self._call(self._handle.set_peers.remote(agent_ids), timeout_s)
 

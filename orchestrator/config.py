@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from policies.fleet_view import SloClass
 from policies.perfmodel import GPU_CATALOG, MODEL_PRESETS, TransformerSpec
+from policies.power import PowerBudget, PowerPolicyParams
 from policies.routing import DEFAULT_ROUTING
 from policies.scorers import SCORERS
+from policies.workload import BucketScheme
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +178,125 @@ class ControllerConfig(_Strict):
     metrics_port: int = Field(default=9464, ge=0, lt=65536)  # 0: do not serve metrics
 
 
+class AdminToken(_Strict):
+    name: str = Field(min_length=1)  # who, in the audit log
+    role: Literal["viewer", "operator"]
+    token: str = Field(min_length=16)
+
+
+class AdminConfig(_Strict):
+    """Who may use the admin API. Tokens come inline (development) or from a mounted Secret:
+    `tokens_dir` holds one file per role (`viewer`, `operator`), one token per line."""
+
+    tokens: list[AdminToken] = Field(default_factory=list)
+    tokens_dir: str | None = None
+    idempotency_ttl_s: float = Field(default=3600.0, gt=0)  # how long an Idempotency-Key is remembered
+
+
+class PlacementBucketsConfig(_Strict):
+    """Log-spaced edges cutting prompt and output lengths into buckets (tokens)."""
+
+    min_input: int = Field(default=32, ge=1)
+    max_input: int = Field(default=32768, ge=2)
+    min_output: int = Field(default=16, ge=1)
+    max_output: int = Field(default=4096, ge=2)
+    factor: float = Field(default=2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlacementBucketsConfig:
+        if self.min_input >= self.max_input or self.min_output >= self.max_output:
+            raise ValueError("need min_input < max_input and min_output < max_output")
+        return self
+
+    def scheme(self) -> BucketScheme:
+        return BucketScheme.log_spaced(min_input=self.min_input, max_input=self.max_input,
+                                       min_output=self.min_output, max_output=self.max_output,
+                                       factor=self.factor)
+
+
+class PlacementConfig(_Strict):
+    """The cost-aware GPU mix (policies.placement) and how eagerly the fleet follows it."""
+
+    enabled: bool = False  # re-plan the live fleet every replan_period_s
+    slo_class: str | None = None  # whose TTFT/TPOT the capacities meet; default: default_slo_class
+    buckets: PlacementBucketsConfig = Field(default_factory=PlacementBucketsConfig)
+    form: Literal["sliced", "continuous"] = "continuous"
+    slice_factor: int = Field(default=8, ge=1)  # slices per bucket in the sliced form
+    window_s: float = Field(default=300.0, gt=0)  # workload window the plan is made for
+    replan_period_s: float = Field(default=60.0, gt=0)
+    min_relative_saving: float = Field(default=0.10, ge=0)  # hysteresis
+    min_dwell_s: float = Field(default=600.0, ge=0)  # between two changes made for cost
+    move_cost_per_replica: float = Field(default=0.10, ge=0)  # $ per replica started or drained
+    payback_s: float = Field(default=3600.0, gt=0)  # a change must repay its moves within this
+    power_budget_watts: float | None = Field(default=None, gt=0)  # Σ TDP of planned GPUs
+    max_cost_per_hour: float | None = Field(default=None, gt=0)
+    memory_fraction: float = Field(default=0.9, gt=0, le=1)  # of GPU memory a replica takes
+    max_num_seqs: int = Field(default=256, ge=1)  # the engine's batch limit, for capacities
+    solver_time_limit_s: float = Field(default=10.0, gt=0)
+
+    def replan_settings(self):
+        """The re-planning thresholds as `policies.replanning.ReplanSettings` (imported
+        here: it brings scipy, which the data path does not need)."""
+        from policies.replanning import ReplanSettings
+
+        return ReplanSettings(self.min_relative_saving, self.min_dwell_s,
+                              self.move_cost_per_replica, self.payback_s)
+
+
+_POWER = PowerPolicyParams()
+
+
+class PowerConfig(_Strict):
+    """Power budgets and the capping policy (policies.power). Watts; thresholds are
+    fractions of a budget. With no budget set, power is reported but never capped."""
+
+    backend: Literal["sim", "nvml"] = "sim"  # nvml: real GPUs (needs CAP_SYS_ADMIN to cap)
+    cluster_budget_w: float | None = Field(default=None, gt=0)
+    row_budgets_w: dict[str, float] = Field(default_factory=dict)  # row name -> watts
+    node_budgets_w: dict[str, float] = Field(default_factory=dict)  # node name -> watts
+    row_label: str = "flotilla.io/power-row"  # the Ray node label naming a node's row
+    oversubscription: float = Field(default=1.0, ge=1.0)  # deployed peak / budget allowed
+    cap_threshold: float = Field(default=_POWER.cap_threshold, gt=0, le=1)
+    emergency_threshold: float = Field(default=_POWER.emergency_threshold, gt=0, le=1)
+    uncap_threshold: float = Field(default=_POWER.uncap_threshold, gt=0, le=1)
+    min_hold_s: float = Field(default=_POWER.min_hold_s, ge=0)
+    control_period_s: float = Field(default=_POWER.control_period_s, gt=0)
+    fallback_periods: int = Field(default=_POWER.fallback_periods, ge=1)
+    stale_after_s: float = Field(default=_POWER.stale_after_s, gt=0)
+    safe_cap_fraction: float = Field(default=_POWER.safe_cap_fraction, gt=0, le=1)
+    lock_clock_fraction: float = Field(default=_POWER.lock_clock_fraction, gt=0, le=1)
+    high_priority_cap_fraction: float = Field(default=_POWER.high_priority_cap_fraction, gt=0, le=1)
+    low_priority_cap_fraction: float = Field(default=_POWER.low_priority_cap_fraction, gt=0, le=1)
+    model_priority: dict[str, int] = Field(default_factory=dict)  # model -> priority, over SLO classes'
+
+    @field_validator("row_budgets_w", "node_budgets_w")
+    @classmethod
+    def _positive(cls, budgets: dict[str, float]) -> dict[str, float]:
+        bad = sorted(name for name, watts in budgets.items() if not watts > 0)
+        if bad:
+            raise ValueError(f"budgets must be positive watts, not for {bad}")
+        return budgets
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PowerConfig:
+        if not self.uncap_threshold < self.cap_threshold <= self.emergency_threshold:
+            raise ValueError(f"need uncap_threshold < cap_threshold <= emergency_threshold, got "
+                             f"{self.uncap_threshold} < {self.cap_threshold} <= {self.emergency_threshold}")
+        if self.low_priority_cap_fraction > self.high_priority_cap_fraction:
+            raise ValueError("low_priority_cap_fraction must not exceed high_priority_cap_fraction")
+        return self
+
+    def policy_params(self) -> PowerPolicyParams:
+        fields = PowerPolicyParams.__dataclass_fields__
+        return PowerPolicyParams(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+    def budgets(self) -> tuple[PowerBudget, ...]:
+        """Every configured budget, the cluster's first."""
+        cluster = [] if self.cluster_budget_w is None else [PowerBudget("cluster", "", self.cluster_budget_w)]
+        return tuple(cluster + [PowerBudget("row", n, w) for n, w in sorted(self.row_budgets_w.items())]
+                     + [PowerBudget("node", n, w) for n, w in sorted(self.node_budgets_w.items())])
+
+
 class FleetConfig(_Strict):
     """A whole fleet: models, GPU pools, SLO classes, routing, server and controller settings."""
 
@@ -192,6 +313,9 @@ class FleetConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    power: PowerConfig = Field(default_factory=PowerConfig)
 
     @model_validator(mode="after")
     def _references(self) -> FleetConfig:
@@ -206,6 +330,15 @@ class FleetConfig(_Strict):
                 raise ValueError(f"pools[{i}].engine: vllm needs models[{pool.model!r}].path")
         if self.default_slo_class not in {c.name for c in self.slo_classes}:
             raise ValueError(f"default_slo_class: no SLO class named {self.default_slo_class!r}")
+        if self.placement.slo_class not in {None} | {c.name for c in self.slo_classes}:
+            raise ValueError(f"placement.slo_class: no SLO class named {self.placement.slo_class!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _power_models(self) -> FleetConfig:
+        unknown = sorted(set(self.power.model_priority) - {m.name for m in self.models})
+        if unknown:
+            raise ValueError(f"power.model_priority: unknown model(s) {unknown}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

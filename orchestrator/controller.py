@@ -3,21 +3,25 @@
 `Controller` is plain Python driven one `step()` at a time, so unit tests run it with
 fake actor handles and a fake clock; `orchestrator.controller_actor` runs it inside a
 detached Ray actor. Each manager's update is isolated: one raising is logged, counted
-and timed, and the others still run.
+and timed, and the others still run. Operator actions (drain, cordon, scale, settings)
+are methods that change the target; the next tick carries them out.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from orchestrator.config import FleetConfig
-from orchestrator.fleet_state import FleetState
+from orchestrator.fleet_state import FleetState, NodeRecord, ReplicaRecord
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.metrics import MetricsRegistry
+from orchestrator.node_manager import NodeManager, NodeSource
 from orchestrator.replica_manager import Launcher, ReplicaManager
 from orchestrator.router_manager import RouterLauncher, RouterManager
+from orchestrator.settings_patch import apply_patch
 from orchestrator.view_builder import build_view
 from policies.fleet_view import FleetView, ReplicaState
 
@@ -32,39 +36,6 @@ _REPLICA_GAUGES = (
 )
 
 
-@dataclass(frozen=True)
-class PoolStatus:
-    name: str
-    gpu_type: str
-    model: str
-    engine: str
-    desired: int
-    ready: int
-    price_per_hour: float  # $/h of the pool's ready replicas' GPUs
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    replica_id: str
-    pool: str
-    gpu_type: str
-    model: str
-    state: str
-    node_id: str
-    running: int
-    waiting: int
-    kv_usage: float
-    tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class FleetStatus:
-    view_version: int
-    pools: tuple[PoolStatus, ...]
-    replicas: tuple[ReplicaStatus, ...]
-    router_failures: tuple[str, ...]
-
-
 class Controller:
     def __init__(
         self,
@@ -72,6 +43,7 @@ class Controller:
         *,
         launcher: Launcher,
         router_launcher: RouterLauncher,
+        node_source: NodeSource = list,
         clock: Callable[[], float] = time.time,
         metrics: MetricsRegistry | None = None,
     ):
@@ -80,12 +52,12 @@ class Controller:
         self.metrics = metrics or MetricsRegistry()
         self.state = FleetState()
         self.replicas = ReplicaManager(config, self.state, launcher, clock)
+        self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
         self.routers = RouterManager(config, router_launcher)
         self.view: FleetView | None = None
-        self._slo_classes = tuple(c.to_policy() for c in config.slo_classes)
-        self._gpus = {p.name: p.gpus_per_replica for p in config.pools}
         self._exported: dict[str, tuple[str, ...]] = {}  # replica id -> labels of its gauge series
         self._managers: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("nodes", self.nodes.update),
             ("replicas", self.replicas.update),
             ("publish", self._publish),
             ("metrics", self._export_metrics),
@@ -103,9 +75,76 @@ class Controller:
             finally:
                 self.metrics["flotilla_controller_tick_seconds"].labels(name).observe(time.perf_counter() - began)
 
+    # operator actions -----------------------------------------------------------------
+
+    def drain_replica(self, replica_id: str, replace: bool = True) -> ReplicaStatus:
+        return self._replica_status(self.replicas.drain(replica_id, replace))
+
+    def cordon_node(self, node_id: str, drain: bool = False) -> NodeStatus:
+        return self._node_status(self.nodes.cordon(node_id, drain))
+
+    def uncordon_node(self, node_id: str) -> NodeStatus:
+        return self._node_status(self.nodes.uncordon(node_id))
+
+    def scale_pool(self, pool: str, replicas: int) -> PoolStatus:
+        self.replicas.set_desired(pool, replicas)
+        return next(p for p in self.status().pools if p.name == pool)
+
+    def update_settings(self, patch: Mapping[str, Any]) -> FleetConfig:
+        """Apply a runtime settings patch (see `orchestrator.settings_patch`)."""
+        if not patch:
+            return self.config
+        self.config = apply_patch(self.config, patch)
+        self.replicas.config = self.config
+        self.routers.reconfigure(self.config)
+        return self.config
+
+    # observation ----------------------------------------------------------------------
+
+    def in_flight(self) -> tuple[InFlightRequest, ...]:
+        """Every request the replicas hold, as of their last report."""
+        return tuple(
+            InFlightRequest(r.replica_id, request)
+            for r in self.state.live() if r.stats is not None
+            for request in r.stats.requests
+        )
+
+    def status(self) -> FleetStatus:
+        pools = []
+        for p in self.config.pools:
+            ready = sum(r.state is ReplicaState.READY for r in self.state.in_pool(p.name))
+            pools.append(PoolStatus(p.name, p.gpu_type, p.model, p.engine, self.replicas.desired[p.name],
+                                    p.min_replicas, p.max_replicas, ready,
+                                    ready * max(1, p.gpus_per_replica) * p.price_per_hour))
+        return FleetStatus(
+            view_version=self.view.version if self.view else 0,
+            pools=tuple(pools),
+            nodes=tuple(self._node_status(n) for n in sorted(self.state.nodes.values(), key=lambda n: n.node_id)),
+            replicas=tuple(self._replica_status(r) for r in sorted(self.state.replicas.values(),
+                                                                   key=lambda r: r.replica_id)),
+            router_failures=tuple(f"{a}: {e}" for a, e in self.routers.failures.items()),
+        )
+
+    def _replica_status(self, r: ReplicaRecord) -> ReplicaStatus:
+        s = r.stats
+        return ReplicaStatus(
+            r.replica_id, r.pool, r.spec.gpu_type, r.spec.model, r.spec.engine, r.state.value, r.node_id,
+            s.running if s else 0, s.waiting if s else 0, s.kv_usage if s else 0.0, s.tokens_per_s if s else 0.0,
+            r.created_at, r.end_reason,
+        )
+
+    def _node_status(self, n: NodeRecord) -> NodeStatus:
+        o = n.observed
+        replicas = tuple(sorted(r.replica_id for r in self.state.live() if r.node_id == n.node_id))
+        return NodeStatus(n.node_id, o.address, o.gpu_type, o.gpus, o.alive, n.cordoned, o.is_head, replicas)
+
+    # managers -------------------------------------------------------------------------
+
     async def _publish(self) -> None:
         version = self.view.version + 1 if self.view else 1
-        self.view = build_view(self.state, version, self.clock(), self._slo_classes, self._gpus)
+        slo_classes = tuple(c.to_policy() for c in self.config.slo_classes)
+        gpus = {p.name: p.gpus_per_replica for p in self.config.pools}
+        self.view = build_view(self.state, version, self.clock(), slo_classes, gpus)
         await self.routers.publish(self.view)
 
     async def _export_metrics(self) -> None:
@@ -132,21 +171,3 @@ class Controller:
                 m[name].remove(*self._exported[replica_id])
         self._exported = exported
         m["flotilla_fleet_view_version"].set(self.view.version if self.view else 0)
-
-    def status(self) -> FleetStatus:
-        pools = []
-        for p in self.config.pools:
-            members = self.state.in_pool(p.name)
-            ready = sum(r.state is ReplicaState.READY for r in members)
-            pools.append(PoolStatus(p.name, p.gpu_type, p.model, p.engine, self.replicas.desired[p.name], ready,
-                                    ready * max(1, p.gpus_per_replica) * p.price_per_hour))
-        replicas = tuple(
-            ReplicaStatus(
-                r.replica_id, r.pool, r.spec.gpu_type, r.spec.model, r.state.value, r.node_id,
-                r.stats.running if r.stats else 0, r.stats.waiting if r.stats else 0,
-                r.stats.kv_usage if r.stats else 0.0, r.stats.tokens_per_s if r.stats else 0.0,
-            )
-            for r in sorted(self.state.replicas.values(), key=lambda r: r.replica_id)
-        )
-        return FleetStatus(self.view.version if self.view else 0, tuple(pools), replicas,
-                           tuple(f"{a}: {e}" for a, e in self.routers.failures.items()))

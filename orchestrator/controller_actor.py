@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from orchestrator.config import parse_config
-from orchestrator.controller import Controller, FleetStatus
+from orchestrator.config import FleetConfig, parse_config
+from orchestrator.controller import Controller
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.idempotency import IdempotencyStore
 from orchestrator.metrics import MetricsRegistry, Observation
-from orchestrator.replica_manager import ray_launcher
-from orchestrator.router_manager import ray_router_launcher
+from orchestrator.node_manager import NodeSource, ray_node_source
+from orchestrator.replica_manager import Launcher, ray_launcher
+from orchestrator.router_manager import RouterLauncher, ray_router_launcher
 from policies.fleet_view import FleetView
 
 log = logging.getLogger(__name__)
 
 
 class ControllerActor:
-    def __init__(self, config_data: dict[str, Any]):
+    """`launcher`, `router_launcher` and `node_source` default to Ray's; other ones let the
+    same actor logic run in-process over fake replicas (the admin API's tests do)."""
+
+    def __init__(self, config_data: dict[str, Any], *, launcher: Launcher | None = None,
+                 router_launcher: RouterLauncher | None = None, node_source: NodeSource | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = parse_config(config_data)
         namespace = self.config.namespace
@@ -29,10 +37,12 @@ class ControllerActor:
         self.metrics_error: str | None = None
         self.controller = Controller(
             self.config,
-            launcher=ray_launcher(namespace),
-            router_launcher=ray_router_launcher(namespace),
+            launcher=launcher or ray_launcher(namespace),
+            router_launcher=router_launcher or ray_router_launcher(namespace),
+            node_source=node_source or ray_node_source,
             metrics=self.metrics,
         )
+        self.idempotency = IdempotencyStore(self.config.admin.idempotency_ttl_s, time.time)
         self._loop: asyncio.Task | None = None
         self._ready = asyncio.Event()
         port = self.config.controller.metrics_port
@@ -62,6 +72,34 @@ class ControllerActor:
 
     def status(self) -> FleetStatus:
         return self.controller.status()
+
+    def in_flight(self) -> tuple[InFlightRequest, ...]:
+        return self.controller.in_flight()
+
+    def current_config(self) -> FleetConfig:
+        """The config as it runs now, runtime changes included (`self.config` is the one it started with)."""
+        return self.controller.config
+
+    # Operator actions. `key` is the client's Idempotency-Key: a retry replays the first answer.
+
+    def drain_replica(self, replica_id: str, replace: bool, key: str | None) -> ReplicaStatus:
+        return self.idempotency.run(key, f"drain {replica_id} replace={replace}",
+                                    lambda: self.controller.drain_replica(replica_id, replace))
+
+    def cordon_node(self, node_id: str, drain: bool, key: str | None) -> NodeStatus:
+        return self.idempotency.run(key, f"cordon {node_id} drain={drain}",
+                                    lambda: self.controller.cordon_node(node_id, drain))
+
+    def uncordon_node(self, node_id: str, key: str | None) -> NodeStatus:
+        return self.idempotency.run(key, f"uncordon {node_id}", lambda: self.controller.uncordon_node(node_id))
+
+    def scale_pool(self, pool: str, replicas: int, key: str | None) -> PoolStatus:
+        return self.idempotency.run(key, f"scale {pool} {replicas}",
+                                    lambda: self.controller.scale_pool(pool, replicas))
+
+    def update_settings(self, patch: dict[str, Any], key: str | None) -> FleetConfig:
+        return self.idempotency.run(key, f"settings {sorted(patch.items())!r}",
+                                    lambda: self.controller.update_settings(patch))
 
     def router_ids(self) -> list[str]:
         return list(self.controller.routers.agent_ids)

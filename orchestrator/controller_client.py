@@ -11,8 +11,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import FleetConfig
-from orchestrator.controller import FleetStatus
 from orchestrator.controller_actor import ControllerActor
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.metrics import Observation
 from policies.fleet_view import FleetView
 
@@ -64,6 +64,27 @@ class ControllerClient:
 
     async def status(self, timeout_s: float = 5.0) -> FleetStatus:
         return await self._call(self._handle.status.remote(), timeout_s)
+
+    async def in_flight(self, timeout_s: float = 5.0) -> tuple[InFlightRequest, ...]:
+        return await self._call(self._handle.in_flight.remote(), timeout_s)
+
+    async def config(self, timeout_s: float = 5.0) -> FleetConfig:
+        return await self._call(self._handle.current_config.remote(), timeout_s)
+
+    async def drain_replica(self, replica_id: str, replace: bool, key: str | None = None) -> ReplicaStatus:
+        return await self._call(self._handle.drain_replica.remote(replica_id, replace, key), 10.0)
+
+    async def cordon_node(self, node_id: str, drain: bool, key: str | None = None) -> NodeStatus:
+        return await self._call(self._handle.cordon_node.remote(node_id, drain, key), 10.0)
+
+    async def uncordon_node(self, node_id: str, key: str | None = None) -> NodeStatus:
+        return await self._call(self._handle.uncordon_node.remote(node_id, key), 10.0)
+
+    async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus:
+        return await self._call(self._handle.scale_pool.remote(pool, replicas, key), 10.0)
+
+    async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
+        return await self._call(self._handle.update_settings.remote(patch, key), 10.0)
 
     async def router_ids(self, timeout_s: float = 5.0) -> list[str]:
         return await self._call(self._handle.router_ids.remote(), timeout_s)

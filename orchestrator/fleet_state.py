@@ -80,12 +80,68 @@ class ReplicaRecord:
         self.stats, self.last_seen, self.missed_polls = stats, now, 0
 
 
+@dataclass(frozen=True)
+class NodeObservation:
+    """One Ray node as the cluster reports it."""
+
+    node_id: str
+    address: str
+    alive: bool
+    resources: tuple[tuple[str, float], ...]  # total resources, e.g. ("GPU", 8.0), ("accelerator_type:H100", 1.0)
+    is_head: bool = False
+
+    @property
+    def gpu_type(self) -> str | None:
+        prefix = "accelerator_type:"
+        return next((k.removeprefix(prefix) for k, _ in self.resources if k.startswith(prefix)), None)
+
+    @property
+    def gpus(self) -> int:
+        return int(dict(self.resources).get("GPU", 0))
+
+
+@dataclass
+class NodeRecord:
+    """A node and what the operator said of it. `cordoned`: no new replicas land there."""
+
+    observed: NodeObservation
+    first_seen: float
+    cordoned: bool = False
+    died_at: float | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.observed.node_id
+
+    @property
+    def alive(self) -> bool:
+        return self.observed.alive
+
+
 @dataclass
 class FleetState:
-    """All replicas, live and recently ended (kept `retention_s` for the record)."""
+    """All replicas, live and recently ended (kept `retention_s` for the record), and all nodes."""
 
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
     retention_s: float = 600.0
+
+    def cordoned_nodes(self) -> tuple[str, ...]:
+        return tuple(sorted(n.node_id for n in self.nodes.values() if n.cordoned))
+
+    def observe_nodes(self, observed: list[NodeObservation], now: float) -> list[str]:
+        """Merge a cluster report; returns ids of nodes that died since the last one."""
+        died = []
+        for obs in observed:
+            record = self.nodes.get(obs.node_id)
+            if record is None:
+                record = self.nodes[obs.node_id] = NodeRecord(obs, first_seen=now)
+            elif record.alive and not obs.alive:
+                died.append(obs.node_id)
+            if not obs.alive and record.died_at is None:
+                record.died_at = now
+            record.observed = obs
+        return died
 
     def add(self, record: ReplicaRecord) -> None:
         if record.replica_id in self.replicas:

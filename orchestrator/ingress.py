@@ -23,6 +23,9 @@ from ray import serve
 from actors.engines.base import EngineError, GenerationRequest, SamplingSpec, TokenDelta
 from actors.tokenizers import Tokenizer, load_tokenizer
 from orchestrator import openai_protocol as oai
+from orchestrator.admin.api import build_admin_app
+from orchestrator.admin.audit import Audit
+from orchestrator.admin.auth import TokenStore
 from orchestrator.api_errors import (
     ApiError,
     bad_request,
@@ -44,6 +47,8 @@ from policies.routing import Refusal
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="Flotilla", description="OpenAI-compatible LLM serving across a mixed GPU fleet.")
+admin = build_admin_app()
+api.mount("/admin/v1", admin)
 
 
 class _Outcome:
@@ -66,6 +71,9 @@ class OpenAIIngress:
                                      self.config.server.admission_timeout_s)
         self.metrics = ObservationBuffer(self.controller.send_metrics)
         self.started_at = int(time.time())
+        admin.state.backend = self.controller
+        admin.state.tokens = TokenStore.from_config(self.config.admin)
+        admin.state.audit = Audit(lambda *labels: self.metrics.inc("flotilla_admin_mutations_total", labels))
 
     # routes -----------------------------------------------------------------------
 

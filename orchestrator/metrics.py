@@ -71,6 +71,8 @@ METRICS: tuple[MetricSpec, ...] = (
                ("manager",), _TICK_BUCKETS),
     MetricSpec("flotilla_controller_errors_total", "counter", "Manager updates that raised.", ("manager",)),
     MetricSpec("flotilla_fleet_view_version", "gauge", "Version of the fleet view last published to routers."),
+    MetricSpec("flotilla_admin_mutations_total", "counter",
+               "Mutating admin API calls, by route, caller role and HTTP status.", ("route", "role", "outcome")),
 )
 
 METRICS_BY_NAME = {m.name: m for m in METRICS}

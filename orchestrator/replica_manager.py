@@ -19,6 +19,7 @@ from actors.replica import ReplicaInfo
 from actors.replica_client import ReplicaClient, ReplicaPlacement, ReplicaUnavailable
 from actors.replica_spec import ReplicaSpec
 from orchestrator.config import FleetConfig, PoolConfig
+from orchestrator.errors import Conflict, Invalid, NotFound
 from orchestrator.fleet_state import FleetState, ReplicaRecord
 from policies.fleet_view import ReplicaState
 
@@ -45,16 +46,19 @@ def ray_launcher(namespace: str) -> Launcher:
     return lambda spec, placement: ReplicaClient.create(spec, namespace, placement)
 
 
-def placement_for(pool: PoolConfig) -> ReplicaPlacement:
-    """GPU pools land on their GPU type through Ray's `accelerator_type:<TYPE>` resource."""
+def placement_for(pool: PoolConfig, avoid_nodes: tuple[str, ...] = ()) -> ReplicaPlacement:
+    """GPU pools land on their GPU type through Ray's `accelerator_type:<TYPE>` resource;
+    cordoned nodes are kept out with a label selector on Ray's `ray.io/node-id` label."""
     env = tuple(sorted(pool.env.items()))
+    selector = (("ray.io/node-id", f"!in({','.join(avoid_nodes)})"),) if avoid_nodes else ()
     if pool.gpus_per_replica == 0:
-        return ReplicaPlacement(num_cpus=1.0, env=env)
+        return ReplicaPlacement(num_cpus=1.0, env=env, label_selector=selector)
     return ReplicaPlacement(
         num_cpus=0.0,
         num_gpus=float(pool.gpus_per_replica),
         resources=((f"accelerator_type:{pool.gpu_type}", 0.001),),
         env=env,
+        label_selector=selector,
     )
 
 
@@ -99,10 +103,24 @@ class ReplicaManager:
     def set_desired(self, pool: str, replicas: int) -> None:
         cfg = self.config.pool(pool)
         if cfg is None:
-            raise KeyError(f"no pool named {pool!r}")
+            raise NotFound(f"no pool named {pool!r}")
         if not cfg.min_replicas <= replicas <= cfg.max_replicas:
-            raise ValueError(f"pool {pool}: {replicas} replicas is outside [{cfg.min_replicas}, {cfg.max_replicas}]")
+            raise Invalid(f"pool {pool}: {replicas} replicas is outside [{cfg.min_replicas}, {cfg.max_replicas}]",
+                          code="out_of_bounds")
         self.desired[pool] = replicas
+
+    def drain(self, replica_id: str, replace: bool) -> ReplicaRecord:
+        """Stop sending it requests and stop it once empty; `replace` keeps its pool's size."""
+        record = self.state.get(replica_id)
+        if record is None or record.state.terminal:
+            raise NotFound(f"no live replica {replica_id!r}")
+        if record.state not in (ReplicaState.READY, ReplicaState.UNHEALTHY):
+            raise Conflict(f"replica {replica_id} is {record.state.value}, not ready",
+                           code=f"replica_{record.state.value}")
+        if not replace:
+            self.set_desired(record.pool, self.desired[record.pool] - 1)
+        record.mark_draining()
+        return record
 
     def ready(self) -> bool:
         """Every pool has its desired number of READY replicas."""
@@ -131,7 +149,7 @@ class ReplicaManager:
                 if record.state is ReplicaState.UNHEALTHY:
                     record.mark_recovered()
             elif isinstance(result, ReplicaUnavailable) and result.dead:
-                self._declare_dead(record, now, str(result))
+                self.declare_dead(record, now, str(result))
             else:
                 record.missed_polls += 1
                 if record.missed_polls >= MISSED_POLLS_UNHEALTHY and record.state is ReplicaState.READY:
@@ -141,7 +159,7 @@ class ReplicaManager:
     async def _poll_one(self, record: ReplicaRecord) -> EngineStats:
         return await self.handles[record.replica_id].stats(self.config.controller.stats_timeout_s)
 
-    def _declare_dead(self, record: ReplicaRecord, now: float, reason: str) -> None:
+    def declare_dead(self, record: ReplicaRecord, now: float, reason: str) -> None:
         log.warning("replica %s dead: %s", record.replica_id, reason)
         record.mark_dead(now, reason)
         handle = self.handles.get(record.replica_id)
@@ -164,7 +182,7 @@ class ReplicaManager:
         spec = spec_for(self.config, pool, replica_id)
         record = ReplicaRecord(spec=spec, created_at=now)
         self.state.add(record)
-        self.handles[replica_id] = self.launcher(spec, placement_for(pool))
+        self.handles[replica_id] = self.launcher(spec, placement_for(pool, self.state.cordoned_nodes()))
         self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record))
 
     async def _start(self, record: ReplicaRecord) -> None:
@@ -173,7 +191,7 @@ class ReplicaManager:
             info = await handle.start(self.config.controller.replica_start_timeout_s)
         except Exception as e:  # noqa: BLE001 — any failure to start is this replica's death
             if record.state is ReplicaState.STARTING:
-                self._declare_dead(record, self.clock(), f"failed to start: {e}")
+                self.declare_dead(record, self.clock(), f"failed to start: {e}")
         else:
             if record.state is ReplicaState.STARTING:
                 record.mark_ready(info.node_id, self.clock())

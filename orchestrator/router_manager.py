@@ -25,6 +25,8 @@ class RouterHandle(Protocol):
 
     async def update_view(self, view: FleetView, timeout_s: float = 2.0) -> RouterAgentInfo: ...
     async def set_peers(self, agent_ids: list[str], timeout_s: float = 5.0) -> None: ...
+    async def configure(self, version: int, settings: Mapping[str, Any], timeout_s: float = 5.0) -> RouterAgentInfo:
+        ...
 
 
 RouterLauncher = Callable[[str, Mapping[str, Any]], RouterHandle]
@@ -47,12 +49,20 @@ def agent_settings(config: FleetConfig) -> dict[str, Any]:
 class RouterManager:
     def __init__(self, config: FleetConfig, launcher: RouterLauncher):
         self.agent_ids = agent_ids_of(config)
-        settings = agent_settings(config)
-        self.handles = {a: launcher(a, settings) for a in self.agent_ids}
+        self.settings = agent_settings(config)
+        # Version 0 is what agents are built with; a restarted agent is rebuilt with it too,
+        # so its reported version tells whether it runs the current settings.
+        self.settings_version = 0
+        self.handles = {a: launcher(a, self.settings) for a in self.agent_ids}
         self.failures: dict[str, str] = {}
 
+    def reconfigure(self, config: FleetConfig) -> None:
+        """New routing settings; agents get them with the next `publish`."""
+        self.settings = agent_settings(config)
+        self.settings_version += 1
+
     async def publish(self, view: FleetView) -> None:
-        """Push `view` to every agent; re-introduce agents that lost their peers."""
+        """Push `view` to every agent; re-introduce agents that lost their peers or settings."""
         results = await asyncio.gather(
             *(self.handles[a].update_view(view) for a in self.agent_ids), return_exceptions=True
         )
@@ -61,9 +71,17 @@ class RouterManager:
                 self.failures.pop(agent_id, None)
                 if result.peers != len(self.agent_ids) - 1:
                     await self._introduce(agent_id)
+                if result.settings_version != self.settings_version:
+                    await self._configure(agent_id)
             else:
                 self.failures[agent_id] = str(result)
                 log.warning("router agent %s did not take view %d: %s", agent_id, view.version, result)
+
+    async def _configure(self, agent_id: str) -> None:
+        try:
+            await self.handles[agent_id].configure(self.settings_version, self.settings)
+        except RouterUnavailable as e:
+            self.failures[agent_id] = str(e)
 
     async def _introduce(self, agent_id: str) -> None:
         try:

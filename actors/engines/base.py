@@ -95,6 +95,28 @@ class RequestSnapshot:
 
 
 @dataclass(frozen=True)
+class RequestStatus:
+    """One request an engine holds, as the control plane sees it (migration, admin, recovery)."""
+
+    request_id: str
+    priority: int
+    slo_class: str
+    prompt_tokens: int
+    output_tokens: int  # emitted so far, those a resumed request arrived with included
+    max_tokens: int
+    running: bool  # False: still waiting to be scheduled
+    arrived_at: float  # wall-clock seconds the engine took it
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_tokens - self.output_tokens
+
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks its context fills (the last partial block counts)."""
+        return -(-(self.prompt_tokens + self.output_tokens) // block_size)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A point-in-time view of an engine's load. `observed_at` is wall-clock seconds."""
 
@@ -112,6 +134,7 @@ class EngineStats:
     aborted_requests: int  # cumulative
     observed_at: float
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
+    requests: tuple[RequestStatus, ...] = ()  # every request it holds, running or waiting
 
     @property
     def kv_usage(self) -> float:

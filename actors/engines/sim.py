@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from actors.engines.base import (
     EngineError,
@@ -20,6 +21,7 @@ from actors.engines.base import (
     FinishReason,
     GenerationRequest,
     RequestSnapshot,
+    RequestStatus,
     TokenDelta,
 )
 from actors.engines.sim_core import SimScheduler, StepResult
@@ -30,11 +32,12 @@ from policies.perfmodel import StepTimeModel, TransformerSpec, gpu_spec
 class _Stream:
     """One request's undelivered output, waiting for its consumer."""
 
-    __slots__ = ("chars", "error", "finish", "ids", "next_index", "num_cached", "ready",
+    __slots__ = ("arrived_at", "chars", "error", "finish", "ids", "next_index", "num_cached", "ready",
                  "request", "sent_final", "text")
 
-    def __init__(self, request: GenerationRequest, text: TextStream):
+    def __init__(self, request: GenerationRequest, text: TextStream, arrived_at: float):
         self.request = request
+        self.arrived_at = arrived_at
         self.text = text
         self.next_index = len(request.output_token_ids)  # index of the first undelivered id
         self.ids: list[int] = []
@@ -151,7 +154,7 @@ class SimEngine:
         except ValueError as exc:
             raise EngineError("bad_request", str(exc)) from exc
         self.core.add(request)
-        stream = _Stream(request, text)
+        stream = _Stream(request, text, self._clock())
         self._streams[request.request_id] = stream
         self._wakeup.set()
         return self._follow(stream)
@@ -161,7 +164,19 @@ class SimEngine:
 
     def stats(self) -> EngineStats:
         self._sync_idle()
-        return self.core.stats(observed_at=self._clock())
+        return replace(self.core.stats(observed_at=self._clock()), requests=tuple(
+            RequestStatus(
+                request_id=rid,
+                priority=s.request.priority,
+                slo_class=s.request.slo_class,
+                prompt_tokens=len(s.request.prompt_token_ids),
+                output_tokens=s.next_index + len(s.ids),
+                max_tokens=s.request.sampling.max_tokens,
+                running=self.core.is_running(rid),
+                arrived_at=s.arrived_at,
+            )
+            for rid, s in self._streams.items() if s.open
+        ))
 
     def snapshot(self, request_id: str) -> RequestSnapshot:
         return self.core.snapshot(request_id)

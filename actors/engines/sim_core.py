@@ -1,8 +1,12 @@
 """The simulated engine's batching core: continuous batching over real KV-block accounting.
 
-Pure: no asyncio, no Ray, no clock, no global random state. A host drives it one step
-at a time, `schedule()` then `complete()` (or `step()` for both): the live `SimEngine`
-sleeps each step's duration in between, the cluster simulator advances virtual time.
+Pure: no asyncio, no Ray, no clock, no global random state. The live `SimEngine` drives
+it one step at a time, `schedule()` then `complete()` (or `step()` for both), sleeping each
+step's duration in between. The cluster simulator (`bench.simulator`) switches it to
+virtual time (`use_virtual_time`) and calls `advance(until_s)` and `next_change_s()`:
+the same scheduling and KV accounting, but output tokens are counted rather than sampled
+and a run of decode steps over an unchanged batch is applied in one call (see
+`advance`), so a million requests do not cost a Python loop per token.
 
 Policy, after vLLM v1: running sequences go first, oldest first, each computing what it
 still lacks (one token when decoding) within a per-step token budget; waiting requests
@@ -24,7 +28,7 @@ import enum
 import hashlib
 import struct
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 from actors.engines.base import (
     EngineError,
@@ -49,6 +53,15 @@ class StepTimer(Protocol):
 
     def step_time(self, batch: BatchShape) -> float:
         """Seconds one engine step over `batch` takes."""
+
+
+class VirtualTimer(StepTimer, Protocol):
+    """A step timer for virtual-time hosts (`bench.simulator.timing.LinearDecodeTimer`)."""
+
+    def decode_line(self, batch_size: int) -> tuple[float, float] | None:
+        """(a, b) such that a decode step of `batch_size` sequences reading c context
+        tokens in all takes a + b * c seconds for every c an engine can reach, or None
+        when the model is not linear in c for that batch size."""
 
 
 class SeqStatus(enum.Enum):
@@ -95,20 +108,73 @@ class StepResult:
     admitted: tuple[Admission, ...]
 
 
-class _Seq:
-    __slots__ = ("hashes", "key", "max_tokens", "num_computed", "num_prompt", "request", "rid",
-                 "status", "tokens")
+@dataclass(frozen=True)
+class Progress:
+    """What one `advance` call did. Times are on the scheduler's clock (`clock_s`)."""
 
-    def __init__(self, request: GenerationRequest, block_size: int, model_id: str):
+    steps: int  # whole steps completed
+    busy_s: float  # seconds those steps took
+    tokens: int  # output tokens emitted
+    admitted: tuple[tuple[Admission, float], ...]  # with the start of the admitting step
+    first_tokens: tuple[tuple[str, float], ...]  # first token on this engine, at its step's end
+    finished: tuple[tuple[str, FinishReason, float], ...]  # at the end of the last step
+    preempted: tuple[tuple[str, float], ...]  # at the start of the step that preempted it
+
+
+class _Acc:
+    """`Progress` being gathered."""
+
+    __slots__ = ("admitted", "busy_s", "finished", "first_tokens", "preempted", "steps", "tokens")
+
+    def __init__(self) -> None:
+        self.steps = self.tokens = 0
+        self.busy_s = 0.0
+        self.admitted: list[tuple[Admission, float]] = []
+        self.first_tokens: list[tuple[str, float]] = []
+        self.finished: list[tuple[str, FinishReason, float]] = []
+        self.preempted: list[tuple[str, float]] = []
+
+    def progress(self) -> Progress:
+        return Progress(self.steps, self.busy_s, self.tokens, tuple(self.admitted),
+                        tuple(self.first_tokens), tuple(self.finished), tuple(self.preempted))
+
+
+class _Run:
+    """The decode steps, from the one in flight, whose batch stays the same (see `advance`):
+    step j (from 0) of `batch_size` sequences reads `context + j * batch_size` tokens and
+    takes `a + b * context_j` seconds."""
+
+    __slots__ = ("a", "b", "batch_size", "context", "steps")
+
+    def __init__(self, steps: int, batch_size: int, context: int, a: float, b: float):
+        self.steps, self.batch_size, self.context, self.a, self.b = steps, batch_size, context, a, b
+
+
+class _Seq:
+    __slots__ = ("hashes", "key", "max_tokens", "num_computed", "num_prompt", "num_tokens",
+                 "request", "rid", "status", "tokens")
+
+    def __init__(self, request: GenerationRequest, block_size: int, model_id: str,
+                 prompt_hashes: Sequence[int] | None, sample: bool):
         self.request = request
         self.rid = request.request_id
         self.max_tokens = request.sampling.max_tokens
-        self.tokens = list(request.context_token_ids)  # prompt, then every output token
+        context = request.context_token_ids
+        self.num_tokens = len(context)  # prompt, then every output token
         self.num_prompt = len(request.prompt_token_ids)
         self.num_computed = 0  # leading tokens whose KV is computed
-        self.hashes = block_hashes(self.tokens, block_size, model_id)  # of full blocks of tokens
         self.key = _token_key(request)
         self.status = SeqStatus.WAITING
+        # the ids themselves, unless output tokens are only counted (virtual time)
+        self.tokens: list[int] | None = list(context) if sample else None
+        prompt = (tuple(prompt_hashes) if prompt_hashes is not None
+                  else block_hashes(request.prompt_token_ids, block_size, model_id))
+        if sample:  # hashes of the full blocks of tokens
+            self.hashes: Sequence[int] = extend_block_hashes(prompt, context, block_size, model_id)
+        else:
+            self.hashes = list(prompt)
+            for index in range(len(prompt), self.num_tokens // block_size):
+                self.hashes.append(_output_block_name(self.hashes, self.key, index))
 
     def start_running(self, num_cached_tokens: int) -> None:
         assert self.status is SeqStatus.WAITING, self.status
@@ -170,6 +236,8 @@ class SimScheduler:
         self._last_batch_size = 0
         self.finished_requests = 0
         self.aborted_requests = 0
+        self._virtual = False  # see `use_virtual_time`
+        self._run: _Run | None = None  # the decode run the step in flight begins (virtual time)
 
     # ---- requests ------------------------------------------------------------------
 
@@ -185,15 +253,25 @@ class SimScheduler:
     def num_waiting(self) -> int:
         return self._num_waiting
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: GenerationRequest, prompt_hashes: Sequence[int] | None = None) -> None:
         """Queue a request. Raises `EngineOverloaded` when the waiting queue is full and
-        `EngineError("bad_request")` for a request this engine cannot serve."""
+        `EngineError("bad_request")` for a request this engine cannot serve.
+
+        `prompt_hashes`, when given, are the block hashes of the prompt's full blocks as
+        the host already computed them (`policies.block_hash`, or the names a simulator
+        gives its synthetic prompts); the core then does not hash the prompt again.
+        """
         self._validate(request)
+        block_size = self.blocks.block_size
+        if prompt_hashes is not None and len(prompt_hashes) != len(request.prompt_token_ids) // block_size:
+            raise ValueError(f"request {request.request_id!r}: {len(prompt_hashes)} prompt hashes "
+                             f"for {len(request.prompt_token_ids) // block_size} full blocks")
         if self._num_waiting >= self.max_waiting:
             raise EngineOverloaded(f"waiting queue is full ({self.max_waiting} requests)")
-        seq = _Seq(request, self.blocks.block_size, self.model_id)
+        seq = _Seq(request, block_size, self.model_id, prompt_hashes, sample=not self._virtual)
         self._seqs[request.request_id] = seq
         self._enqueue(seq, front=False)
+        self._run = None  # the queue changed: the next step may admit
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV. False if it is not here (or already ended)."""
@@ -204,15 +282,25 @@ class SimScheduler:
         finished. False if it is not here."""
         return self._end(request_id, SeqStatus.FINISHED)
 
+    def is_running(self, request_id: str) -> bool:
+        """True once the request is scheduled (past the waiting queue)."""
+        seq = self._seqs.get(request_id)
+        return seq is not None and seq.status is SeqStatus.RUNNING
+
     def snapshot(self, request_id: str) -> RequestSnapshot:
         """The request with every token emitted so far and the hashes of its computed
         full KV blocks. Raises `UnknownRequest`."""
         seq = self._seqs.get(request_id)
         if seq is None:
             raise UnknownRequest(request_id)
-        outputs = tuple(seq.tokens[seq.num_prompt :])
+        if seq.tokens is not None:
+            outputs = tuple(seq.tokens[seq.num_prompt :])
+        else:  # counted, not sampled: the same pure function gives the same ids
+            given = seq.request.output_token_ids
+            outputs = given + tuple(_token(seq.key, i) for i in range(len(given), seq.num_tokens - seq.num_prompt))
         held = seq.num_computed // self.blocks.block_size
-        return RequestSnapshot(replace(seq.request, output_token_ids=outputs), seq.hashes[:held])
+        return RequestSnapshot(replace(seq.request, output_token_ids=outputs),
+                               tuple(seq.hashes[:held]))
 
     def _validate(self, request: GenerationRequest) -> None:
         context, emitted = len(request.context_token_ids), len(request.output_token_ids)
@@ -233,16 +321,17 @@ class SimScheduler:
     def _enqueue(self, seq: _Seq, front: bool) -> None:
         (self._waiting.appendleft if front else self._waiting.append)(seq)
         self._num_waiting += 1
-        self._waiting_tokens += len(seq.tokens)
+        self._waiting_tokens += seq.num_tokens
 
     def _dequeue(self, seq: _Seq) -> None:
         self._num_waiting -= 1
-        self._waiting_tokens -= len(seq.tokens)
+        self._waiting_tokens -= seq.num_tokens
 
     def _end(self, request_id: str, status: SeqStatus) -> bool:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        self._run = None
         if seq.status is SeqStatus.RUNNING:
             self.blocks.free(request_id)
             self._running.remove(seq)
@@ -275,7 +364,7 @@ class SimScheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, n, preempted):
                 break  # it was the youngest left and got preempted itself
             batch.append((seq, n))
@@ -283,7 +372,7 @@ class SimScheduler:
             i += 1
         admitted = () if preempted else self._admit(budget, batch)
         shape = _shape(batch)
-        planned = ScheduledStep(self.model.step_time(shape), shape, len(batch), admitted,
+        planned = ScheduledStep(self._step_time(shape), shape, len(batch), admitted,
                                 tuple(preempted))
         self._in_flight = (planned, batch)
         return planned
@@ -303,7 +392,7 @@ class SimScheduler:
             seq.num_computed = computed = before + n
             if computed // block_size > before // block_size:  # a block filled: share it
                 self.blocks.cache_blocks(seq.rid, seq.hashes, computed)
-            if computed == len(seq.tokens):  # context complete: sample the next token
+            if computed == seq.num_tokens:  # context complete: sample the next token
                 token = self._sample(seq)
                 tokens.append(token)
                 if token.index + 1 >= seq.max_tokens or computed + 1 >= self.max_model_len:
@@ -343,27 +432,237 @@ class SimScheduler:
                 self._waiting.popleft()  # ended while waiting
                 continue
             rid = seq.rid
-            if not self.blocks.can_allocate(seq.hashes, len(seq.tokens)):
+            if not self.blocks.can_allocate(seq.hashes, seq.num_tokens):
                 break  # first come, first served: nobody overtakes the head
             self._waiting.popleft()
             self._dequeue(seq)
-            cached = self.blocks.allocate(rid, seq.hashes, len(seq.tokens)).num_cached_tokens
+            cached = self.blocks.allocate(rid, seq.hashes, seq.num_tokens).num_cached_tokens
             seq.start_running(cached)
             self._running.append(seq)
-            n = min(len(seq.tokens) - cached, budget)
+            n = min(seq.num_tokens - cached, budget)
             batch.append((seq, n))
             budget -= n
             admitted.append(Admission(rid, cached))
         return tuple(admitted)
 
     def _sample(self, seq: _Seq) -> EmittedToken:
-        index = len(seq.tokens) - seq.num_prompt
-        token = ALPHABET[_mix(seq.key + index) % len(ALPHABET)]
+        index = seq.num_tokens - seq.num_prompt
+        token = _token(seq.key, index)
         seq.tokens.append(token)
-        if len(seq.tokens) % self.blocks.block_size == 0:
+        seq.num_tokens += 1
+        if seq.num_tokens % self.blocks.block_size == 0:
             seq.hashes = extend_block_hashes(seq.hashes, seq.tokens, self.blocks.block_size,
                                              self.model_id)
         return EmittedToken(seq.rid, index, token)
+
+    def _step_time(self, shape: BatchShape) -> float:
+        if self._virtual and shape.decode_seqs and not shape.prefill_tokens:
+            line = self.model.decode_line(shape.decode_seqs)
+            if line is not None:  # the same formula `advance` times a decode run with
+                return line[0] + line[1] * shape.decode_context_tokens
+        return self.model.step_time(shape)
+
+    # ---- virtual time --------------------------------------------------------------
+
+    def use_virtual_time(self, timer: VirtualTimer) -> None:
+        """Make this (empty) scheduler a virtual-time one, for the cluster simulator.
+
+        `timer` must time steps exactly as the current model does (a memoising wrapper of
+        it). From now on output tokens are counted, not sampled (`snapshot` still returns
+        the exact ids, from the same pure function), blocks they fill are named by
+        `_output_block_name`, and the host drives steps with `advance` and
+        `next_change_s` instead of `schedule`/`complete`.
+        """
+        if self._seqs or self._in_flight is not None:
+            raise ValueError("use_virtual_time() needs an empty scheduler")
+        self.model = timer
+        self._virtual = True
+
+    def next_change_s(self) -> float | None:
+        """Virtual time: start a step if there is work and none is in flight, and return
+        the clock time at which the work in flight next changes something a host sees:
+        the end of the step in flight, or of the whole decode run it begins (no request
+        admitted, preempted or finished before then). None when there is nothing to do."""
+        assert self._virtual, "next_change_s() is for virtual-time schedulers"
+        if self._in_flight is None:
+            if not self.has_work:
+                return None
+            self._start_step()
+        end = self.clock_s + self._in_flight[0].duration_s
+        run = self._run
+        if run is not None:
+            end, context = self.clock_s, run.context
+            for _ in range(run.steps):  # the same sums `_complete_run` makes
+                end += run.a + run.b * context
+                context += run.batch_size
+        return end
+
+    def advance(self, until_s: float) -> Progress:
+        """Virtual time: complete every step that ends by `until_s` (clock seconds),
+        starting each next step as its predecessor ends, as the live step loop does.
+
+        On return a step is in flight exactly when one started before `until_s` (a
+        request added now waits for the next step); otherwise the clock reads `until_s`,
+        idling up to it when there is nothing to do. Steps of a decode run (the step in
+        flight decodes every running sequence, nobody can be admitted, and the blocks
+        its sequences will need are free) are applied together, one pass over the batch
+        however many steps they are; step times, token counts and KV accounting are
+        those of stepping one at a time.
+        """
+        assert self._virtual, "advance() is for virtual-time schedulers"
+        acc = _Acc()
+        while True:
+            if self._in_flight is None:
+                if not self.has_work or self.clock_s >= until_s:
+                    break
+                self._start_step()
+            if self.clock_s + self._in_flight[0].duration_s > until_s:
+                break
+            if self._run is None:
+                self._complete_virtual(acc)
+            else:
+                self._complete_run(until_s, acc)
+        if self._in_flight is None and self.clock_s < until_s:
+            self.idle(until_s - self.clock_s)
+        return acc.progress()
+
+    def _start_step(self) -> None:
+        self.schedule()
+        self._run = self._plan_run()
+
+    def _plan_run(self) -> _Run | None:
+        """The decode run the step just scheduled begins, if it is longer than one step."""
+        planned, batch = self._in_flight
+        size = len(batch)
+        if (planned.admitted or planned.preempted or planned.shape.prefill_tokens
+                or size != len(self._running) or planned.shape.decode_seqs != size):
+            return None
+        line = self.model.decode_line(size)
+        if line is None:
+            return None
+        # step j (from 1) emits token index (emitted + j - 1) over a context of (tokens + j - 1)
+        steps = min(min(s.max_tokens - (s.num_tokens - s.num_prompt), self.max_model_len - s.num_tokens)
+                    for s in self._running)
+        if steps <= 1 or self._head_admissible(size):
+            return None
+        steps = min(steps, 1 + self._steps_with_free_blocks(steps - 1))
+        if steps <= 1:
+            return None
+        return _Run(steps, size, planned.shape.decode_context_tokens, *line)
+
+    def _head_admissible(self, batch_size: int) -> bool:
+        """Whether the next step could admit the head of the waiting queue. Free blocks
+        only shrink during a decode run, so a head refused now stays refused."""
+        while self._waiting and self._waiting[0].status is not SeqStatus.WAITING:
+            self._waiting.popleft()  # ended while waiting, as `_admit` would drop it
+        if not self._waiting or len(self._running) >= self.max_num_seqs:
+            return False
+        if batch_size >= self.max_num_batched_tokens:
+            return False
+        head = self._waiting[0]
+        return self.blocks.can_allocate(head.hashes, head.num_tokens)
+
+    def _steps_with_free_blocks(self, limit: int) -> int:
+        """How many decode steps after the one in flight (at most `limit`) the running
+        sequences can take before one needs a block that is not free."""
+        block_size, free = self.blocks.block_size, self.blocks.num_free_blocks
+        spare = [0] * block_size  # sequences by free slots left in their last block
+        for seq in self._running:
+            slots = self.blocks.num_slots(seq.rid)
+            spare[-slots % block_size] += 1
+
+        def demand(steps: int) -> int:  # new blocks `steps` more steps need
+            return sum(n * ((steps - r - 1) // block_size + 1) for r, n in enumerate(spare)
+                       if n and steps > r)
+
+        if demand(limit) <= free:
+            return limit
+        lo, hi = 0, limit  # demand(lo) <= free < demand(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if demand(mid) <= free else (lo, mid)
+        return lo
+
+    def _complete_virtual(self, acc: _Acc) -> None:
+        """`complete()` for virtual time: outputs are counted into `acc`."""
+        planned, batch = self._in_flight
+        self._in_flight = None
+        start, end = self.clock_s, self.clock_s + planned.duration_s
+        acc.admitted += [(a, start) for a in planned.admitted]
+        acc.preempted += [(rid, start) for rid in planned.preempted]
+        block_size, emitted, finished = self.blocks.block_size, 0, []
+        for seq, n in batch:
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            before = seq.num_computed
+            seq.num_computed = computed = before + n
+            if computed // block_size > before // block_size:
+                self.blocks.cache_blocks(seq.rid, seq.hashes, computed)
+            if computed == seq.num_tokens:
+                index = self._count_output(seq)
+                emitted += 1
+                if index == len(seq.request.output_token_ids):
+                    acc.first_tokens.append((seq.rid, end))
+                if index + 1 >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                    finished.append(seq.rid)
+        for rid in finished:
+            self._end(rid, SeqStatus.FINISHED)
+            acc.finished.append((rid, FinishReason.LENGTH, end))
+        self.clock_s += planned.duration_s
+        self._count_tokens(emitted)
+        self._last_batch_size = planned.batch_size
+        acc.steps, acc.busy_s, acc.tokens = acc.steps + 1, acc.busy_s + planned.duration_s, acc.tokens + emitted
+
+    def _complete_run(self, until_s: float, acc: _Acc) -> None:
+        """Complete the steps of the decode run that end by `until_s` (at least the one in
+        flight), in one pass over the batch; leave the run's next step in flight."""
+        run, (_, batch) = self._run, self._in_flight
+        size, began, steps = run.batch_size, self.clock_s, 0
+        while steps < run.steps:
+            duration = run.a + run.b * run.context
+            if self.clock_s + duration > until_s:
+                break
+            self.clock_s += duration
+            run.context += size
+            steps += 1
+            self._count_tokens(size)
+        more = steps < run.steps
+        block_size, extra = self.blocks.block_size, steps - 1 + more  # slots beyond the scheduled step's
+        for seq in self._running:
+            if extra:
+                self.blocks.append_slot(seq.rid, extra)
+            before = seq.num_computed
+            seq.num_computed = before + steps
+            self._count_outputs(seq, steps)
+            if seq.num_computed // block_size > before // block_size:
+                self.blocks.cache_blocks(seq.rid, seq.hashes, seq.num_computed)
+        acc.steps, acc.busy_s, acc.tokens = acc.steps + steps, acc.busy_s + self.clock_s - began, acc.tokens + steps * size
+        self._last_batch_size = size
+        if more:
+            run.steps -= steps
+            shape = BatchShape(decode_seqs=size, decode_context_tokens=run.context)
+            self._in_flight = (ScheduledStep(run.a + run.b * run.context, shape, size, (), ()), batch)
+            return
+        self._in_flight = None
+        self._run = None
+        done = [s.rid for s in self._running if s.num_tokens - s.num_prompt >= s.max_tokens
+                or s.num_tokens >= self.max_model_len]
+        for rid in done:  # none when the run ended because blocks ran out
+            self._end(rid, SeqStatus.FINISHED)
+            acc.finished.append((rid, FinishReason.LENGTH, self.clock_s))
+
+    def _count_output(self, seq: _Seq) -> int:
+        """Virtual time: one more output token of `seq`, counted; returns its index."""
+        index = seq.num_tokens - seq.num_prompt
+        self._count_outputs(seq, 1)
+        return index
+
+    def _count_outputs(self, seq: _Seq, n: int) -> None:
+        """Virtual time: `n` more output tokens of `seq`, naming the blocks they fill."""
+        seq.num_tokens += n
+        hashes = seq.hashes
+        for index in range(len(hashes), seq.num_tokens // self.blocks.block_size):
+            hashes.append(_output_block_name(hashes, seq.key, index))
 
     # ---- load ----------------------------------------------------------------------
 
@@ -374,9 +673,11 @@ class SimScheduler:
         self.clock_s += seconds
         self._count_tokens(0)
 
-    def stats(self, observed_at: float) -> EngineStats:
+    def stats(self, observed_at: float, cached_hashes: bool = True) -> EngineStats:
         """Load now; `tokens_per_s` is output tokens per simulated second over the last
-        `rate_window_s` of the simulated clock. `observed_at` is stamped as given."""
+        `rate_window_s` of the simulated clock. `observed_at` is stamped as given.
+        `cached_hashes=False` leaves `cached_block_hashes` empty, for hosts whose
+        consumers do not read it (it is the costly part at thousands of blocks)."""
         self._count_tokens(0)
         window = min(self.rate_window_s, self.clock_s)
         return EngineStats(
@@ -393,7 +694,7 @@ class SimScheduler:
             finished_requests=self.finished_requests,
             aborted_requests=self.aborted_requests,
             observed_at=observed_at,
-            cached_block_hashes=self.blocks.cached_block_hashes(),
+            cached_block_hashes=self.blocks.cached_block_hashes() if cached_hashes else frozenset(),
         )
 
     def _count_tokens(self, n: int) -> None:
@@ -410,7 +711,7 @@ def _shape(batch: list[tuple[_Seq, int]]) -> BatchShape:
     prefill = pairs = chunks = cached = decodes = context = 0
     for seq, n in batch:
         start = seq.num_computed
-        if n == 1 and start + 1 == len(seq.tokens):
+        if n == 1 and start + 1 == seq.num_tokens:
             decodes += 1
             context += start + 1
         else:
@@ -429,6 +730,21 @@ def _token_key(request: GenerationRequest) -> int:
     digest = hashlib.blake2b(struct.pack(f"<{len(prompt)}I", *prompt), digest_size=8).digest()
     seed = request.sampling.seed or 0
     return _mix(int.from_bytes(digest, "little") ^ _mix(seed & _MASK)) & _MASK
+
+
+def _token(key: int, index: int) -> int:
+    """The output token at `index` of the stream keyed `key`."""
+    return ALPHABET[_mix(key + index) % len(ALPHABET)]
+
+
+def _output_block_name(hashes: Sequence[int], key: int, index: int) -> int:
+    """Virtual time: the name of full block `index` of a stream whose tokens are counted,
+    not sampled. It covers what the block's hash would (the parent's hash, and tokens
+    that are a pure function of the stream key and position), so blocks are equal
+    exactly when their hashes would be; Python's hash of a tuple of ints is unsalted,
+    so names are stable across runs."""
+    parent = hashes[index - 1] if index else 0
+    return hash((parent, key, index)) & _MASK
 
 
 def _mix(x: int) -> int:

@@ -48,6 +48,7 @@ from actors.engines.base import (
     FinishReason,
     GenerationRequest,
     RequestSnapshot,
+    RequestStatus,
     TokenDelta,
     UnknownRequest,
 )
@@ -73,6 +74,7 @@ class _Live:
     started: bool = False  # vLLM has sent its first output: it is past the waiting queue
     abort_requested: bool = False
     hashes: tuple[int, ...] = ()  # block hashes of `context`, extended lazily
+    arrived_at: float = 0.0  # wall-clock seconds of admission
 
     @property
     def context(self) -> tuple[int, ...]:
@@ -205,7 +207,8 @@ class VllmEngine:
         iterator aborts the request in vLLM, which frees its KV.
         """
         llm = self._admit(request)
-        live = self._live[request.request_id] = _Live(request, list(request.output_token_ids))
+        live = self._live[request.request_id] = _Live(request, list(request.output_token_ids),
+                                                      arrived_at=time.time())
         self._remember(live.context)
         stream = llm.generate(
             TokensPrompt(prompt_token_ids=list(request.context_token_ids)),
@@ -351,6 +354,19 @@ class VllmEngine:
             aborted_requests=self._aborted,
             observed_at=time.time(),
             cached_block_hashes=frozenset(self._recent_blocks),
+            requests=tuple(
+                RequestStatus(
+                    request_id=rid,
+                    priority=live.request.priority,
+                    slo_class=live.request.slo_class,
+                    prompt_tokens=len(live.request.prompt_token_ids),
+                    output_tokens=len(live.output),
+                    max_tokens=live.request.sampling.max_tokens,
+                    running=live.started,
+                    arrived_at=live.arrived_at,
+                )
+                for rid, live in self._live.items()
+            ),
         )
 
     def _remember(self, tokens: tuple[int, ...]) -> None:

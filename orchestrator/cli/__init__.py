@@ -17,7 +17,7 @@ from orchestrator.config import ConfigError
 
 def _command_modules():
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_"):  # _private helpers and __main__
             yield importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -1,44 +1,37 @@
-"""`flotilla status`: pools and replicas of a running fleet."""
+"""`flotilla status`: the fleet at a glance — pools, replicas, load, cost."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-from dataclasses import asdict
 
-from orchestrator.cli._common import DEFAULT_CONFIG
-from orchestrator.config import load_config
+from orchestrator.cli._api import add_api_arguments, run_api_command, table
 
 
 def register(commands) -> None:
-    status = commands.add_parser("status", help="pools and replicas of a running fleet")
-    status.add_argument("--config", default=str(DEFAULT_CONFIG))
-    status.add_argument("--address", default="auto")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(run=run)
+    parser = commands.add_parser("status", help="pools, replicas, load and cost of a running fleet")
+    add_api_arguments(parser)
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
+    def call(api):
+        return {"fleet": api.get("/fleet"), "replicas": api.get("/replicas")}
 
-    from orchestrator.controller_client import ControllerClient
+    return run_api_command(args, call, show)
 
-    config = load_config(args.config)
-    ray.init(address=args.address, namespace=config.namespace, logging_level="ERROR")
-    status = asyncio.run(ControllerClient.lookup(config.namespace).status())
-    if args.json:
-        print(json.dumps(asdict(status), indent=2))
-        return 0
-    print(f"fleet view v{status.view_version}")
-    print(f"{'POOL':<10} {'GPU':<10} {'MODEL':<16} {'ENGINE':<6} {'READY':>7} {'$/h':>8}")
-    for p in status.pools:
-        print(f"{p.name:<10} {p.gpu_type:<10} {p.model:<16} {p.engine:<6} {p.ready:>3}/{p.desired:<3} "
-              f"{p.price_per_hour:>8.2f}")
-    print(f"\n{'REPLICA':<20} {'STATE':<10} {'RUN':>4} {'WAIT':>5} {'KV':>6} {'TOK/S':>8}")
-    for r in status.replicas:
-        print(f"{r.replica_id:<20} {r.state:<10} {r.running:>4} {r.waiting:>5} {r.kv_usage:>6.1%} "
-              f"{r.tokens_per_s:>8.0f}")
-    for failure in status.router_failures:
+
+def show(answer: dict) -> None:
+    fleet = answer["fleet"]
+    states = ", ".join(f"{n} {s}" for s, n in sorted(fleet["replicas_by_state"].items())) or "no replicas"
+    print(f"fleet view v{fleet['view_version']}: {states}; {fleet['requests_in_flight']} requests in flight; "
+          f"{fleet['nodes']} nodes ({fleet['nodes_cordoned']} cordoned); ${fleet['cost_per_hour']:.2f}/h\n")
+    print(table(fleet["pools"], [("POOL", "name", ""), ("GPU", "gpu_type", ""), ("MODEL", "model", ""),
+                                 ("ENGINE", "engine", ""), ("READY", "ready", "d"), ("WANT", "desired", "d"),
+                                 ("$/H", "price_per_hour", ".2f")]))
+    live = [r for r in answer["replicas"] if r["state"] not in ("stopped", "dead")]
+    print()
+    print(table(live, [("REPLICA", "replica_id", ""), ("POOL", "pool", ""), ("STATE", "state", ""),
+                       ("RUN", "running", "d"), ("WAIT", "waiting", "d"), ("KV", "kv_usage", ".0%"),
+                       ("TOK/S", "tokens_per_s", ".0f")]))
+    for failure in fleet["router_failures"]:
         print(f"router agent problem: {failure}")
-    return 0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import threading
 
+from orchestrator.cli._api import token_file
 from orchestrator.cli._common import DEFAULT_CONFIG
-from orchestrator.config import FleetConfig, load_config
+from orchestrator.config import AdminToken, FleetConfig, load_config
 
 
 def register(commands) -> None:
@@ -28,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.port:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     _ensure_local_models(config)
+    config = _with_local_operator_token(config)
     embedded.start(config, address=args.address, ready_timeout_s=args.ready_timeout)
     _print_banner(config)
     stopped = threading.Event()
@@ -49,6 +52,20 @@ def _ensure_local_models(config: FleetConfig) -> None:
             build_local_model(DEFAULT_MODEL_DIR)
 
 
+def _with_local_operator_token(config: FleetConfig) -> FleetConfig:
+    """With no admin tokens configured, make one for this machine's operator (the CLI reads the file)."""
+    if config.admin.tokens or config.admin.tokens_dir:
+        return config
+    path = token_file(config.server.host, config.server.port)
+    token = path.read_text().strip() if path.is_file() else secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    admin = config.admin.model_copy(update={"tokens": [AdminToken(name="local-operator", role="operator",
+                                                                  token=token)]})
+    return config.model_copy(update={"admin": admin})
+
+
 def _print_banner(config: FleetConfig) -> None:
     base = f"http://{config.server.host}:{config.server.port}"
     print(f"\nFlotilla is serving {', '.join(m.name for m in config.models)} at {base}/v1")
@@ -56,4 +73,6 @@ def _print_banner(config: FleetConfig) -> None:
         print(f"Prometheus metrics: http://{config.server.host}:{config.controller.metrics_port}/metrics")
     print(f'Try:  curl {base}/v1/completions -H "Content-Type: application/json" '
           f"-d '{{\"model\": \"{config.models[0].name}\", \"prompt\": \"Return the\", \"max_tokens\": 32}}'")
+    print(f"Admin API: {base}/admin/v1 (docs at {base}/admin/v1/docs); the CLI (`flotilla status`) finds "
+          f"its token in {token_file(config.server.host, config.server.port)}")
     print("Ctrl-C stops the fleet.")

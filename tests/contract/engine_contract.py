@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import pytest
 
@@ -246,6 +247,26 @@ class EngineContract:
         prefilled_before = before.computed_prompt_tokens + before.cached_prompt_tokens
         assert prefilled - prefilled_before >= len(prompt) - stats.block_size
         assert stats.observed_at >= before.observed_at > 0
+
+    async def test_stats_list_the_requests_held(self, engine):
+        request = replace(self.request(self.prompt_ids(24, salt=9), max_tokens=300), priority=7,
+                          slo_class="batch")
+        seen = []
+
+        async def consume():
+            async for delta in engine.generate(request):
+                seen.extend(delta.token_ids)
+                if len(seen) == len(delta.token_ids):  # the first delta: surely still decoding
+                    held = {r.request_id: r for r in engine.stats().requests}
+                    status = held[request.request_id]
+                    assert (status.priority, status.slo_class, status.prompt_tokens) == (7, "batch", 24)
+                    assert status.output_tokens >= len(seen) and status.max_tokens == 300
+                    assert status.running and status.arrived_at > 0
+                    assert await engine.abort(request.request_id)
+
+        await asyncio.wait_for(consume(), TIMEOUT_S)
+        stats = await wait_until(engine, lambda s: not s.requests, "no request held after the abort")
+        assert stats.requests == ()
 
     async def test_a_repeated_prompt_is_served_from_the_prefix_cache(self, engine):
         block_size = engine.stats().block_size

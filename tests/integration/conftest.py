@@ -28,6 +28,7 @@ from orchestrator.controller_client import ControllerClient
 from orchestrator.embedded import APP_NAME
 
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+VIEWER_TOKEN, OPERATOR_TOKEN = "test-viewer-token-0123", "test-operator-token-0123"
 
 
 def run_async(coroutine):
@@ -123,6 +124,8 @@ def fleet_config(model_dir: str, http_port: int, metrics_port: int) -> FleetConf
         "routing": {"agents": 2},
         "server": {"host": "127.0.0.1", "port": http_port, "admission_timeout_s": 1.0, "retry_after_s": 2},
         "controller": {"control_period_s": 0.25, "metrics_port": metrics_port},
+        "admin": {"tokens": [{"name": "test-viewer", "role": "viewer", "token": VIEWER_TOKEN},
+                             {"name": "test-operator", "role": "operator", "token": OPERATOR_TOKEN}]},
     })
 
 

@@ -3,80 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
 
-from actors.engines.base import EngineStats
-from actors.replica import ReplicaInfo
-from actors.replica_client import ReplicaPlacement, ReplicaUnavailable
-from actors.replica_spec import ReplicaSpec
-from actors.router import RouterAgentInfo
+from actors.replica_client import ReplicaUnavailable
 from orchestrator.config import parse_config
 from orchestrator.controller import Controller
+from orchestrator.errors import Invalid, NotFound
 from orchestrator.replica_manager import MISSED_POLLS_UNHEALTHY
-from policies.fleet_view import FleetView
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def idle_stats(now: float, running: int = 0) -> EngineStats:
-    return EngineStats(running=running, waiting=0, waiting_prompt_tokens=0, kv_blocks_used=0, kv_blocks_total=100,
-                       block_size=16, tokens_per_s=0.0, batch_size=running, computed_prompt_tokens=0,
-                       cached_prompt_tokens=0, finished_requests=0, aborted_requests=0, observed_at=now)
-
-
-@dataclass
-class FakeReplica:
-    spec: ReplicaSpec
-    placement: ReplicaPlacement
-    clock: FakeClock
-    start_error: Exception | None = None
-    stats_error: Exception | None = None
-    running: int = 0
-    killed: bool = False
-    shut_down: bool = False
-
-    @property
-    def replica_id(self) -> str:
-        return self.spec.replica_id
-
-    async def start(self, timeout_s: float) -> ReplicaInfo:
-        if self.start_error:
-            raise self.start_error
-        return ReplicaInfo(self.replica_id, f"node-{self.spec.gpu_type}", 1, 100, self.clock(), 0.1)
-
-    async def stats(self, timeout_s: float) -> EngineStats:
-        if self.stats_error:
-            raise self.stats_error
-        return idle_stats(self.clock(), self.running)
-
-    async def shutdown(self, timeout_s: float = 30.0) -> None:
-        self.shut_down = True
-
-    def kill(self) -> None:
-        self.killed = True
-
-
-@dataclass
-class FakeRouter:
-    agent_id: str
-    views: list[FleetView] = field(default_factory=list)
-    peers: list[str] = field(default_factory=list)
-
-    async def update_view(self, view: FleetView, timeout_s: float = 2.0) -> RouterAgentInfo:
-        self.views.append(view)
-        return RouterAgentInfo(self.agent_id, view.version, len(view.replicas), 0, max(0, len(self.peers) - 1), 0)
-
-    async def set_peers(self, agent_ids: list[str], timeout_s: float = 5.0) -> None:
-        self.peers = list(agent_ids)
-
+from tests.fakes import FakeClock, FakeReplica, FakeRouter
 
 CONFIG = {
     "models": [{"name": "m", "arch": "llama-2-7b"}],
@@ -207,9 +142,9 @@ async def test_a_draining_replica_waits_for_its_requests(harness):
 
 def test_desired_replicas_are_bounded_by_the_pool(harness):
     controller, *_ = harness
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(Invalid, match="outside"):
         controller.replicas.set_desired("h100", 99)
-    with pytest.raises(KeyError, match="no pool"):
+    with pytest.raises(NotFound, match="no pool"):
         controller.replicas.set_desired("a100", 1)
 
 

@@ -1,0 +1,56 @@
+"""What the admin API needs from the control plane.
+
+In production that is the controller actor through `ControllerClient` (which has
+exactly these methods); `LocalBackend` serves the same calls from a `ControllerActor`
+object in this process, for tests that exercise the API against a real controller
+driven with fake replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from orchestrator.config import FleetConfig
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+
+
+class AdminBackend(Protocol):
+    async def status(self) -> FleetStatus: ...
+    async def in_flight(self) -> tuple[InFlightRequest, ...]: ...
+    async def config(self) -> FleetConfig: ...
+    async def drain_replica(self, replica_id: str, replace: bool, key: str | None = None) -> ReplicaStatus: ...
+    async def cordon_node(self, node_id: str, drain: bool, key: str | None = None) -> NodeStatus: ...
+    async def uncordon_node(self, node_id: str, key: str | None = None) -> NodeStatus: ...
+    async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus: ...
+    async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig: ...
+
+
+class LocalBackend:
+    """The admin calls on a `ControllerActor` object living in this process."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    async def status(self) -> FleetStatus:
+        return self.actor.status()
+
+    async def in_flight(self) -> tuple[InFlightRequest, ...]:
+        return self.actor.in_flight()
+
+    async def config(self) -> FleetConfig:
+        return self.actor.current_config()
+
+    async def drain_replica(self, replica_id: str, replace: bool, key: str | None = None) -> ReplicaStatus:
+        return self.actor.drain_replica(replica_id, replace, key)
+
+    async def cordon_node(self, node_id: str, drain: bool, key: str | None = None) -> NodeStatus:
+        return self.actor.cordon_node(node_id, drain, key)
+
+    async def uncordon_node(self, node_id: str, key: str | None = None) -> NodeStatus:
+        return self.actor.uncordon_node(node_id, key)
+
+    async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus:
+        return self.actor.scale_pool(pool, replicas, key)
+
+    async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
+        return self.actor.update_settings(patch, key)

@@ -1,0 +1,69 @@
+"""What the controller reports of the fleet: the one snapshot that the admin API, the CLI,
+the tests and the dashboards' numbers all read. Frozen; units in the field comments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.engines.base import RequestStatus
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    name: str
+    gpu_type: str
+    model: str
+    engine: str
+    desired: int
+    min_replicas: int
+    max_replicas: int
+    ready: int
+    price_per_hour: float  # $/h of the pool's ready replicas' GPUs
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    address: str
+    gpu_type: str | None
+    gpus: int
+    alive: bool
+    cordoned: bool
+    is_head: bool
+    replicas: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    pool: str
+    gpu_type: str
+    model: str
+    engine: str
+    state: str
+    node_id: str
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    tokens_per_s: float
+    created_at: float  # wall-clock seconds
+    end_reason: str
+
+
+@dataclass(frozen=True)
+class InFlightRequest:
+    replica_id: str
+    request: RequestStatus
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    view_version: int
+    pools: tuple[PoolStatus, ...]
+    nodes: tuple[NodeStatus, ...]
+    replicas: tuple[ReplicaStatus, ...]
+    router_failures: tuple[str, ...]
+
+    @property
+    def cost_per_hour(self) -> float:
+        return sum(p.price_per_hour for p in self.pools)

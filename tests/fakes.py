@@ -1,0 +1,98 @@
+"""Fake actor handles and a fake clock for driving the controller by hand (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.engines.base import EngineStats, RequestStatus
+from actors.replica import ReplicaInfo
+from actors.replica_client import ReplicaPlacement
+from actors.replica_spec import ReplicaSpec
+from actors.router import RouterAgentInfo
+from orchestrator.fleet_state import NodeObservation
+from policies.fleet_view import FleetView
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def idle_stats(now: float, running: int = 0, requests: tuple[RequestStatus, ...] = ()) -> EngineStats:
+    return EngineStats(running=running, waiting=0, waiting_prompt_tokens=0, kv_blocks_used=0, kv_blocks_total=100,
+                       block_size=16, tokens_per_s=0.0, batch_size=running, computed_prompt_tokens=0,
+                       cached_prompt_tokens=0, finished_requests=0, aborted_requests=0, observed_at=now,
+                       requests=requests)
+
+
+@dataclass
+class FakeReplica:
+    spec: ReplicaSpec
+    placement: ReplicaPlacement
+    clock: FakeClock
+    start_error: Exception | None = None
+    stats_error: Exception | None = None
+    running: int = 0
+    requests: tuple[RequestStatus, ...] = ()
+    killed: bool = False
+    shut_down: bool = False
+
+    @property
+    def replica_id(self) -> str:
+        return self.spec.replica_id
+
+    async def start(self, timeout_s: float) -> ReplicaInfo:
+        if self.start_error:
+            raise self.start_error
+        return ReplicaInfo(self.replica_id, self.node_id, 1, 100, self.clock(), 0.1)
+
+    @property
+    def node_id(self) -> str:
+        """The first node of its GPU type that the placement does not exclude."""
+        avoided = dict(self.placement.label_selector).get("ray.io/node-id", "!in()")[4:-1].split(",")
+        return next(n for n in (f"node-{self.spec.gpu_type}", f"node-{self.spec.gpu_type}-b") if n not in avoided)
+
+    async def stats(self, timeout_s: float) -> EngineStats:
+        if self.stats_error:
+            raise self.stats_error
+        return idle_stats(self.clock(), self.running, self.requests)
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        self.shut_down = True
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+@dataclass
+class FakeRouter:
+    agent_id: str
+    views: list[FleetView] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    settings_version: int = 0
+    settings: dict = field(default_factory=dict)
+
+    async def update_view(self, view: FleetView, timeout_s: float = 2.0) -> RouterAgentInfo:
+        self.views.append(view)
+        return RouterAgentInfo(self.agent_id, view.version, len(view.replicas), 0, max(0, len(self.peers) - 1), 0,
+                               self.settings_version)
+
+    async def set_peers(self, agent_ids: list[str], timeout_s: float = 5.0) -> None:
+        self.peers = list(agent_ids)
+
+    async def configure(self, version: int, settings, timeout_s: float = 5.0) -> RouterAgentInfo:
+        self.settings_version, self.settings = version, dict(settings)
+        return RouterAgentInfo(self.agent_id, 0, 0, 0, max(0, len(self.peers) - 1), 0, version)
+
+
+def nodes_for(*gpu_types: str) -> list[NodeObservation]:
+    """A head node plus two nodes per GPU type, named as FakeReplica places replicas."""
+    nodes = [NodeObservation("node-head", "10.0.0.1", True, (("CPU", 8.0),), is_head=True)]
+    for t in gpu_types:
+        for suffix in ("", "-b"):
+            nodes.append(NodeObservation(f"node-{t}{suffix}", f"10.0.1.{len(nodes)}", True,
+                                         (("CPU", 8.0), ("GPU", 8.0), (f"accelerator_type:{t}", 1.0))))
+    return nodes
