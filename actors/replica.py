@@ -7,14 +7,32 @@ Only `actors.replica_client.ReplicaClient` calls it through Ray.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.engines import make_engine
-from actors.engines.base import EngineStats, GenerationRequest, RequestSnapshot, TokenDelta
+from actors.engines.base import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestSnapshot,
+    SamplingSpec,
+    TokenDelta,
+    UnknownRequest,
+)
 from actors.replica_spec import ReplicaSpec
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    """What a migration pre-copy round did on the target."""
+
+    context_tokens: int  # tokens of the context it was asked to hold
+    reused_tokens: int  # of those, already in its cache (from earlier rounds or a KV store)
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,8 @@ class ModelReplica:
     def __init__(self, spec: ReplicaSpec):
         self.spec = spec
         self.engine = make_engine(spec)
+        self._moved: dict[str, str] = {}  # request id -> the replica it was handed off to
+        self._prefetches = itertools.count()
 
     async def start(self) -> ReplicaInfo:
         began = time.time()
@@ -49,9 +69,50 @@ class ModelReplica:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Streamed to the caller through a Ray streaming generator, one delta per item."""
+        """Streamed to the caller through a Ray streaming generator, one delta per item.
+
+        A request handed off (`handoff`) ends here with ABORT naming the replica that
+        continues it, so the stream's owner resumes it there.
+        """
         async for delta in self.engine.generate(request):
+            if delta.finish_reason is FinishReason.ABORT and request.request_id in self._moved:
+                delta = replace(delta, migrated_to=self._moved.pop(request.request_id))
             yield delta
+
+    async def prefetch(self, request: GenerationRequest) -> PrefetchResult:
+        """Migration pre-copy: bring `request`'s context into this engine's prefix cache.
+
+        A one-token warm-up over the context (output discarded) makes the engine load its
+        KV (from a store where one holds it) or compute it, so a later resume here only
+        computes the few tokens that arrived since. Nothing is sent to any client.
+        """
+        began = time.monotonic()
+        context = request.context_token_ids
+        warm = GenerationRequest(
+            request_id=f"prefetch-{request.request_id}-{next(self._prefetches)}",
+            model=request.model,
+            prompt_token_ids=context,
+            sampling=SamplingSpec(max_tokens=1, temperature=0.0, ignore_eos=True),
+            priority=request.priority,
+            slo_class=request.slo_class,
+        )
+        reused = 0
+        async for delta in self.engine.generate(warm):
+            reused = max(reused, delta.num_cached_tokens)
+        return PrefetchResult(len(context), reused, time.monotonic() - began)
+
+    async def handoff(self, request_id: str, target_replica_id: str) -> RequestSnapshot:
+        """Migration switch: stop the request here; its stream ends naming `target_replica_id`.
+
+        Raises UnknownRequest when the request is no longer here (it finished, or its
+        client left), in which case nothing is handed off.
+        """
+        snapshot = self.engine.snapshot(request_id)
+        self._moved[request_id] = target_replica_id
+        if not await self.engine.abort(request_id):
+            self._moved.pop(request_id, None)
+            raise UnknownRequest(request_id)
+        return snapshot
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.engines.base import EngineError, EngineStats, GenerationRequest, RequestSnapshot, TokenDelta
-from actors.replica import ModelReplica, ReplicaInfo
+from actors.replica import ModelReplica, PrefetchResult, ReplicaInfo
 from actors.replica_spec import ReplicaSpec, replica_actor_name
 
 
@@ -61,6 +61,8 @@ class ReplicaClient:
             resources=dict(placement.resources),
             runtime_env={"env_vars": dict(placement.env)} if placement.env else None,
             label_selector=dict(placement.label_selector) or None,
+            # a pool's replicas on as many nodes as can take them: one node's death costs fewer
+            scheduling_strategy="SPREAD",
             max_restarts=0,  # the controller replaces dead replicas, with backoff
             max_concurrency=10_000,
         ).remote(spec)
@@ -85,6 +87,12 @@ class ReplicaClient:
 
     async def abort(self, request_id: str, timeout_s: float = 5.0) -> bool:
         return await self._call(self._handle.abort.remote(request_id), timeout_s)
+
+    async def prefetch(self, request: GenerationRequest, timeout_s: float = 120.0) -> PrefetchResult:
+        return await self._call(self._handle.prefetch.remote(request), timeout_s)
+
+    async def handoff(self, request_id: str, target_replica_id: str, timeout_s: float = 5.0) -> RequestSnapshot:
+        return await self._call(self._handle.handoff.remote(request_id, target_replica_id), timeout_s)
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         await self._call(self._handle.shutdown.remote(), timeout_s)

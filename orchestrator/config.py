@@ -178,6 +178,19 @@ class ControllerConfig(_Strict):
     metrics_port: int = Field(default=9464, ge=0, lt=65536)  # 0: do not serve metrics
 
 
+class MigrationConfig(_Strict):
+    """Live migration: how moves are carried out, and the policy that starts them."""
+
+    enabled: bool = True  # let the policy move requests (operators and drains can move them regardless)
+    max_concurrent: int = Field(default=8, ge=1)  # migrations in flight in the whole fleet
+    max_per_replica: int = Field(default=2, ge=1)  # in flight from or to one replica
+    bandwidth_bytes_per_s: float = Field(default=10e9, gt=0)  # KV bytes in flight per second of budget
+    precopy_rounds: int = Field(default=3, ge=1)  # warm-ups of the target before the switch
+    switch_below_tokens: int = Field(default=16, ge=0)  # switch once fewer tokens than this are uncovered
+    min_remaining_tokens: int = Field(default=8, ge=0)  # never move a request this close to finishing
+    timeout_s: float = Field(default=120.0, gt=0)  # a migration not switched by then is aborted
+
+
 class AdminToken(_Strict):
     name: str = Field(min_length=1)  # who, in the audit log
     role: Literal["viewer", "operator"]
@@ -223,6 +236,7 @@ class PlacementConfig(_Strict):
     form: Literal["sliced", "continuous"] = "continuous"
     slice_factor: int = Field(default=8, ge=1)  # slices per bucket in the sliced form
     window_s: float = Field(default=300.0, gt=0)  # workload window the plan is made for
+    headroom: float = Field(default=0.10, ge=0)  # plan for (1 + headroom) × the window's rates
     replan_period_s: float = Field(default=60.0, gt=0)
     min_relative_saving: float = Field(default=0.10, ge=0)  # hysteresis
     min_dwell_s: float = Field(default=600.0, ge=0)  # between two changes made for cost
@@ -315,6 +329,7 @@ class FleetConfig(_Strict):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
 
     @model_validator(mode="after")

@@ -16,8 +16,10 @@ from typing import Any
 
 from orchestrator.config import FleetConfig
 from orchestrator.fleet_state import FleetState, NodeRecord, ReplicaRecord
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.metrics import MetricsRegistry
+from orchestrator.migration_manager import MigrationManager
+from orchestrator.migration_record import MigrationRecord
 from orchestrator.node_manager import NodeManager, NodeSource
 from orchestrator.replica_manager import Launcher, ReplicaManager
 from orchestrator.router_manager import RouterLauncher, RouterManager
@@ -54,6 +56,8 @@ class Controller:
         self.replicas = ReplicaManager(config, self.state, launcher, clock)
         self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
         self.routers = RouterManager(config, router_launcher)
+        self.migrations = MigrationManager(config, self.state, lambda rid: self.replicas.handles[rid],
+                                           self.metrics, clock)
         self.view: FleetView | None = None
         self._exported: dict[str, tuple[str, ...]] = {}  # replica id -> labels of its gauge series
         self._managers: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
@@ -90,12 +94,19 @@ class Controller:
         self.replicas.set_desired(pool, replicas)
         return next(p for p in self.status().pools if p.name == pool)
 
+    def migrate_request(self, request_id: str, target: str | None = None) -> MigrationView:
+        return _migration_view(self.migrations.start(request_id, target, reason="manual"))
+
+    def recent_migrations(self) -> tuple[MigrationView, ...]:
+        records = [*self.migrations.recent, *self.migrations.active.values()]
+        return tuple(_migration_view(m) for m in sorted(records, key=lambda m: m.created_at))
+
     def update_settings(self, patch: Mapping[str, Any]) -> FleetConfig:
         """Apply a runtime settings patch (see `orchestrator.settings_patch`)."""
         if not patch:
             return self.config
         self.config = apply_patch(self.config, patch)
-        self.replicas.config = self.config
+        self.replicas.config = self.migrations.config = self.config
         self.routers.reconfigure(self.config)
         return self.config
 
@@ -171,3 +182,12 @@ class Controller:
                 m[name].remove(*self._exported[replica_id])
         self._exported = exported
         m["flotilla_fleet_view_version"].set(self.view.version if self.view else 0)
+        m["flotilla_migrations_in_flight"].set(len(self.migrations.active))
+
+
+def _migration_view(m: MigrationRecord) -> MigrationView:
+    return MigrationView(
+        m.migration_id, m.request_id, m.source, m.target, m.reason, m.state.value, m.queued, m.est_bytes,
+        m.created_at, tuple((r.context_tokens, r.reused_tokens, r.seconds) for r in m.rounds), m.switched_at,
+        m.ended_at, m.abort_reason.value if m.abort_reason else None, m.detail,
+    )

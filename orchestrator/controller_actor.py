@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.config import FleetConfig, parse_config
 from orchestrator.controller import Controller
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.idempotency import IdempotencyStore
 from orchestrator.metrics import MetricsRegistry, Observation
 from orchestrator.node_manager import NodeSource, ray_node_source
@@ -96,6 +96,13 @@ class ControllerActor:
     def scale_pool(self, pool: str, replicas: int, key: str | None) -> PoolStatus:
         return self.idempotency.run(key, f"scale {pool} {replicas}",
                                     lambda: self.controller.scale_pool(pool, replicas))
+
+    def migrate_request(self, request_id: str, target: str | None, key: str | None) -> MigrationView:
+        return self.idempotency.run(key, f"migrate {request_id} to {target}",
+                                    lambda: self.controller.migrate_request(request_id, target))
+
+    def migrations(self) -> tuple[MigrationView, ...]:
+        return self.controller.recent_migrations()
 
     def update_settings(self, patch: dict[str, Any], key: str | None) -> FleetConfig:
         return self.idempotency.run(key, f"settings {sorted(patch.items())!r}",

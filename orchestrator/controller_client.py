@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import FleetConfig
 from orchestrator.controller_actor import ControllerActor
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.metrics import Observation
 from policies.fleet_view import FleetView
 
@@ -82,6 +82,12 @@ class ControllerClient:
 
     async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus:
         return await self._call(self._handle.scale_pool.remote(pool, replicas, key), 10.0)
+
+    async def migrate_request(self, request_id: str, target: str | None, key: str | None = None) -> MigrationView:
+        return await self._call(self._handle.migrate_request.remote(request_id, target, key), 10.0)
+
+    async def migrations(self, timeout_s: float = 5.0) -> tuple[MigrationView, ...]:
+        return await self._call(self._handle.migrations.remote(), timeout_s)
 
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return await self._call(self._handle.update_settings.remote(patch, key), 10.0)

@@ -67,3 +67,23 @@ class FleetStatus:
     @property
     def cost_per_hour(self) -> float:
         return sum(p.price_per_hour for p in self.pools)
+
+
+@dataclass(frozen=True)
+class MigrationView:
+    """A migration in flight or recently ended, with its stages' timings (wall-clock seconds)."""
+
+    migration_id: str
+    request_id: str
+    source: str
+    target: str
+    reason: str
+    state: str
+    queued: bool
+    est_bytes: int
+    created_at: float
+    precopy_rounds: tuple[tuple[int, int, float], ...]  # (context tokens, tokens already there, seconds)
+    switched_at: float | None
+    ended_at: float | None
+    abort_reason: str | None
+    detail: str

@@ -122,7 +122,9 @@ class OpenAIIngress:
         except ApiError as e:
             self.metrics.inc("flotilla_requests_total", (model_name, slo, _Outcome.INVALID))
             return e.response()
-        stream = RequestStream(generation, self._routing_request(generation, model), self.dispatcher)
+        stream = RequestStream(generation, self._routing_request(generation, model), self.dispatcher,
+                               on_migrated=lambda move: self.metrics.observe(
+                                   "flotilla_migration_downtime_seconds", (model.name,), move.downtime_s))
         self.metrics.inc("flotilla_requests_in_flight", (model.name,))
         self.metrics.inc("flotilla_prompt_tokens_total", (model.name,), len(generation.prompt_token_ids))
         deltas = stream.deltas()

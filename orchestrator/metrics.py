@@ -71,6 +71,15 @@ METRICS: tuple[MetricSpec, ...] = (
                ("manager",), _TICK_BUCKETS),
     MetricSpec("flotilla_controller_errors_total", "counter", "Manager updates that raised.", ("manager",)),
     MetricSpec("flotilla_fleet_view_version", "gauge", "Version of the fleet view last published to routers."),
+    # migration
+    MetricSpec("flotilla_migrations_total", "counter",
+               "Migrations that ended, by why they started (manual, drain, balance, ...) and outcome "
+               "(done, or the abort reason).", ("reason", "outcome")),
+    MetricSpec("flotilla_migrations_in_flight", "gauge", "Migrations started and not yet switched or aborted."),
+    MetricSpec("flotilla_migration_bytes_total", "counter", "KV bytes of the requests moved by migrations."),
+    MetricSpec("flotilla_migration_downtime_seconds", "histogram",
+               "The stall a migrated request's client saw: last token from the source to first from the target.",
+               ("model",), _TOKEN_BUCKETS),
     MetricSpec("flotilla_admin_mutations_total", "counter",
                "Mutating admin API calls, by route, caller role and HTTP status.", ("route", "role", "outcome")),
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from actors.engines.base import EngineOverloaded, FinishReason, GenerationRequest, TokenDelta
 from actors.replica_client import ReplicaUnavailable
@@ -26,6 +26,16 @@ class StreamFailed(RuntimeError):
     """The request could not be completed; the message says why."""
 
 
+@dataclass(frozen=True)
+class Migration:
+    """One handoff of this request, as its client lived it."""
+
+    source: str
+    target: str
+    stalled_since: float | None  # clock time of the last token before the switch
+    downtime_s: float | None = None  # from that token to the first one from the target
+
+
 class RequestStream:
     def __init__(
         self,
@@ -35,6 +45,7 @@ class RequestStream:
         *,
         max_resumes: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        on_migrated: Callable[[Migration], None] | None = None,
     ):
         self.request = request
         self.routing = routing
@@ -47,8 +58,11 @@ class RequestStream:
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.replica_id: str | None = None
-        self.resumes = 0
+        self.resumes = 0  # after failures; planned migrations do not count
         self.num_cached_tokens = 0
+        self.migrations: list[Migration] = []
+        self.on_migrated = on_migrated
+        self._switching: Migration | None = None  # handed off, first token from the target not yet here
 
     @property
     def request_id(self) -> str:
@@ -56,16 +70,20 @@ class RequestStream:
 
     async def deltas(self) -> AsyncIterator[TokenDelta]:
         """The client's stream: contiguous deltas from index 0, the last one finished."""
+        handed_to: str | None = None
         while self.finish_reason is None:
-            replica, decision = await self.dispatcher.assign(self.routing)
-            self.replica_id = replica.replica_id
+            replica = await self._next_replica(handed_to)
+            self.replica_id, handed_to = replica.replica_id, None
             try:
                 async for delta in replica.generate(self._pending_request()):
+                    handed_to = delta.migrated_to or handed_to
                     fresh = self._accept(delta)
                     if fresh is not None:
                         yield fresh
-                if self.finish_reason is None:
-                    # the replica aborted it (drained, migrated away, shut down): continue elsewhere
+                if self.finish_reason is None and handed_to is not None:
+                    self._switching = Migration(replica.replica_id, handed_to, self.last_token_at)
+                elif self.finish_reason is None:
+                    # the replica let go of it (drained, shut down): continue elsewhere
                     raise ReplicaUnavailable(replica.replica_id, "stream ended without finishing", dead=False)
             except EngineOverloaded:
                 self._avoid(replica.replica_id)  # full since the router looked; nothing was sent
@@ -76,6 +94,16 @@ class RequestStream:
                 if self.resumes > self.max_resumes:
                     raise StreamFailed(f"gave up after {self.max_resumes} resumes; last: {e}") from e
                 log.warning("request %s: %s; resuming after %d tokens", self.request_id, e, len(self.output_ids))
+
+    async def _next_replica(self, handed_to: str | None):
+        """The replica a migration handed the request to, else the router's pick."""
+        if handed_to is not None:
+            try:
+                return self.dispatcher.replica(handed_to)
+            except ReplicaUnavailable:
+                log.warning("request %s: migration target %s is gone; routing instead", self.request_id, handed_to)
+        replica, _ = await self.dispatcher.assign(self.routing)
+        return replica
 
     def _pending_request(self) -> GenerationRequest:
         """The request as it stands: fresh, or resumed after the tokens already sent."""
@@ -91,6 +119,8 @@ class RequestStream:
             delta = replace(delta, index=sent, token_ids=delta.token_ids[overlap:])
         now = self.clock()
         if delta.token_ids:
+            if self._switching is not None:
+                self._finish_switch(now)
             self.output_ids.extend(delta.token_ids)
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now
@@ -100,6 +130,15 @@ class RequestStream:
             delta = replace(delta, finish_reason=None)
         self.finish_reason = delta.finish_reason
         return delta if (delta.token_ids or delta.text or delta.finished) else None
+
+    def _finish_switch(self, now: float) -> None:
+        """The first token after a handoff: the stall the client saw is now known."""
+        switch, self._switching = self._switching, None
+        stalled_since = switch.stalled_since if switch.stalled_since is not None else self.arrived_at
+        done = replace(switch, downtime_s=now - stalled_since)
+        self.migrations.append(done)
+        if self.on_migrated is not None:
+            self.on_migrated(done)
 
     def _avoid(self, replica_id: str) -> None:
         self.routing = replace(self.routing, exclude=self.routing.exclude | {replica_id})

@@ -38,6 +38,7 @@ def snapshot_of(record: ReplicaRecord, gpus: int) -> ReplicaSnapshot:
             tokens_per_s=stats.tokens_per_s,
             observed_at=stats.observed_at,
             cached_block_hashes=stats.cached_block_hashes,
+            requests=stats.requests,
         )
     return ReplicaSnapshot(
         replica_id=record.replica_id,

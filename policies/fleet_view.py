@@ -27,6 +27,28 @@ class ReplicaState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class RequestStatus:
+    """One request an engine holds, as the control plane sees it (migration, admin, recovery)."""
+
+    request_id: str
+    priority: int
+    slo_class: str
+    prompt_tokens: int
+    output_tokens: int  # emitted so far, those a resumed request arrived with included
+    max_tokens: int
+    running: bool  # False: still waiting to be scheduled
+    arrived_at: float  # wall-clock seconds the engine took it
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_tokens - self.output_tokens
+
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks its context fills (the last partial block counts)."""
+        return -(-(self.prompt_tokens + self.output_tokens) // block_size)
+
+
+@dataclass(frozen=True)
 class ReplicaSnapshot:
     """One replica's identity, speed and load at `observed_at` (wall-clock seconds)."""
 
@@ -52,6 +74,7 @@ class ReplicaSnapshot:
     max_queue: int = 256  # waiting requests it accepts before refusing
     # prefix cache: chained block hashes the replica reported holding (see policies.block_hash)
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
+    requests: tuple[RequestStatus, ...] = ()  # every request it holds, as last reported
 
     @property
     def accepting(self) -> bool:

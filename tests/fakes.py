@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.engines.base import EngineStats, RequestStatus
-from actors.replica import ReplicaInfo
+from actors.engines.base import (
+    EngineStats,
+    GenerationRequest,
+    RequestSnapshot,
+    RequestStatus,
+    SamplingSpec,
+    UnknownRequest,
+)
+from actors.replica import PrefetchResult, ReplicaInfo
 from actors.replica_client import ReplicaPlacement
 from actors.replica_spec import ReplicaSpec
 from actors.router import RouterAgentInfo
@@ -22,7 +29,8 @@ class FakeClock:
 
 
 def idle_stats(now: float, running: int = 0, requests: tuple[RequestStatus, ...] = ()) -> EngineStats:
-    return EngineStats(running=running, waiting=0, waiting_prompt_tokens=0, kv_blocks_used=0, kv_blocks_total=100,
+    used = min(100, sum(r.kv_blocks(16) for r in requests))
+    return EngineStats(running=running, waiting=0, waiting_prompt_tokens=0, kv_blocks_used=used, kv_blocks_total=100,
                        block_size=16, tokens_per_s=0.0, batch_size=running, computed_prompt_tokens=0,
                        cached_prompt_tokens=0, finished_requests=0, aborted_requests=0, observed_at=now,
                        requests=requests)
@@ -39,6 +47,11 @@ class FakeReplica:
     requests: tuple[RequestStatus, ...] = ()
     killed: bool = False
     shut_down: bool = False
+    tokens_per_snapshot: int = 4  # decoding progress between two snapshots
+    prefetch_error: Exception | None = None
+    prefetched: list[int] = field(default_factory=list)  # context lengths it was asked to warm
+    handed_off: list[tuple[str, str]] = field(default_factory=list)
+    _outputs: dict[str, int] = field(default_factory=dict)
 
     @property
     def replica_id(self) -> str:
@@ -62,6 +75,32 @@ class FakeReplica:
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         self.shut_down = True
+
+    def _held(self, request_id: str) -> RequestStatus:
+        held = next((r for r in self.requests if r.request_id == request_id), None)
+        if held is None:
+            raise UnknownRequest(request_id)
+        return held
+
+    async def snapshot(self, request_id: str, timeout_s: float = 5.0) -> RequestSnapshot:
+        held = self._held(request_id)
+        made = self._outputs[request_id] = self._outputs.get(request_id, held.output_tokens) + self.tokens_per_snapshot
+        request = GenerationRequest(request_id, self.spec.model, tuple(range(held.prompt_tokens)),
+                                    SamplingSpec(max_tokens=held.max_tokens), output_token_ids=tuple(range(made)))
+        return RequestSnapshot(request, ())
+
+    async def prefetch(self, request: GenerationRequest, timeout_s: float = 120.0) -> PrefetchResult:
+        if self.prefetch_error:
+            raise self.prefetch_error
+        reused = self.prefetched[-1] if self.prefetched else 0
+        self.prefetched.append(len(request.context_token_ids))
+        return PrefetchResult(len(request.context_token_ids), reused, 0.01)
+
+    async def handoff(self, request_id: str, target: str, timeout_s: float = 5.0) -> RequestSnapshot:
+        snapshot = await self.snapshot(request_id)
+        self.handed_off.append((request_id, target))
+        self.requests = tuple(r for r in self.requests if r.request_id != request_id)
+        return snapshot
 
     def kill(self) -> None:
         self.killed = True

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from policies.fleet_view import RequestStatus  # noqa: F401  (re-exported: engines report it)
+
 
 class FinishReason(str, enum.Enum):
     """Why a generation ended; values are OpenAI's `finish_reason` strings."""
@@ -80,6 +82,7 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused, not computed
+    migrated_to: str | None = None  # with ABORT: the replica that continues this request
 
     @property
     def finished(self) -> bool:
@@ -92,28 +95,6 @@ class RequestSnapshot:
 
     request: GenerationRequest  # with `output_token_ids` = all tokens emitted so far
     block_hashes: tuple[int, ...]  # chained hashes of the full KV blocks it holds
-
-
-@dataclass(frozen=True)
-class RequestStatus:
-    """One request an engine holds, as the control plane sees it (migration, admin, recovery)."""
-
-    request_id: str
-    priority: int
-    slo_class: str
-    prompt_tokens: int
-    output_tokens: int  # emitted so far, those a resumed request arrived with included
-    max_tokens: int
-    running: bool  # False: still waiting to be scheduled
-    arrived_at: float  # wall-clock seconds the engine took it
-
-    @property
-    def remaining_tokens(self) -> int:
-        return self.max_tokens - self.output_tokens
-
-    def kv_blocks(self, block_size: int) -> int:
-        """KV blocks its context fills (the last partial block counts)."""
-        return -(-(self.prompt_tokens + self.output_tokens) // block_size)
 
 
 @dataclass(frozen=True)

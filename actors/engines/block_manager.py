@@ -10,12 +10,15 @@ by any sequence is never evicted.
 
 Every change comes as a check/commit pair: `can_allocate` / `allocate`,
 `can_append` / `append_slot`. Committing without room is a caller bug and asserts.
+
+Block objects are made on first use, not up front: a simulated fleet holds thousands
+of engines of thousands of blocks each, most never touched in a short run.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -30,9 +33,9 @@ class Allocation:
 class _Block:
     __slots__ = ("block_hash", "block_id", "ref_count")
 
-    def __init__(self, block_id: int):
+    def __init__(self, block_id: int, ref_count: int = 0):
         self.block_id = block_id
-        self.ref_count = 0
+        self.ref_count = ref_count
         self.block_hash: int | None = None  # set once registered in the prefix cache
 
 
@@ -60,9 +63,10 @@ class BlockManager:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        # Free blocks that hold nothing worth keeping; taken before evicting cached ones.
-        self._empty: list[_Block] = list(reversed(self._blocks))
+        # Free blocks that hold nothing worth keeping, taken before evicting cached ones:
+        # the last freed first, then blocks never used (ids from `_unused` up).
+        self._empty: list[_Block] = []
+        self._unused = 0
         # Free blocks still registered under a hash, least recently freed first.
         self._evictable: OrderedDict[int, _Block] = OrderedDict()
         self._cached: dict[int, _Block] = {}  # block hash -> block (held or evictable)
@@ -75,7 +79,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks no sequence holds (some may still serve prefix hits until evicted)."""
-        return len(self._empty) + len(self._evictable)
+        return len(self._empty) + self.num_blocks - self._unused + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
@@ -122,7 +126,7 @@ class BlockManager:
         assert self.can_allocate(block_hashes, num_tokens), "allocate without room"
         hits = self.cached_prefix_blocks(block_hashes, num_tokens)
         blocks = [self._take_cached(block_hashes[i]) for i in range(hits)]
-        blocks += [self._take_empty() for _ in range(self._blocks_for(num_tokens) - hits)]
+        blocks += self._take_empty(self._blocks_for(num_tokens) - hits)
         self._tables[seq_id] = _Table(blocks, num_tokens, hits)
         cached_tokens = hits * self.block_size
         self.cached_prompt_tokens += cached_tokens
@@ -144,11 +148,35 @@ class BlockManager:
     def append_slot(self, seq_id: str, num_new_tokens: int = 1) -> None:
         """Reserve slots for `num_new_tokens` more tokens of `seq_id`."""
         table = self._tables[seq_id]
-        extra = self._extra_blocks(table, num_new_tokens)
+        extra = -(-(table.num_slots + num_new_tokens) // self.block_size) - len(table.blocks)
         if extra > 0:  # most appends fit in the last block: keep that path short
             assert extra <= self.num_free_blocks, "append_slot without room"
-            table.blocks.extend(self._take_empty() for _ in range(extra))
+            table.blocks += self._take_empty(extra)
         table.num_slots += num_new_tokens
+
+    def try_append_slot(self, seq_id: str, num_new_tokens: int = 1) -> bool:
+        """`append_slot` when `can_append`; False, changing nothing, otherwise. One
+        lookup instead of two on the scheduler's per-sequence, per-step path."""
+        table = self._tables[seq_id]
+        extra = -(-(table.num_slots + num_new_tokens) // self.block_size) - len(table.blocks)
+        if extra > 0:
+            if extra > self.num_free_blocks:
+                return False
+            table.blocks += self._take_empty(extra)
+        table.num_slots += num_new_tokens
+        return True
+
+    def append_slots(self, seq_ids: Iterable[str], num_new_tokens: int) -> None:
+        """`append_slot(seq_id, num_new_tokens)` for each of `seq_ids`; the caller has
+        checked that the blocks they need together are free."""
+        tables, block_size = self._tables, self.block_size
+        for seq_id in seq_ids:
+            table = tables[seq_id]
+            extra = -(-(table.num_slots + num_new_tokens) // block_size) - len(table.blocks)
+            if extra > 0:
+                assert extra <= self.num_free_blocks, "append_slots without room"
+                table.blocks += self._take_empty(extra)
+            table.num_slots += num_new_tokens
 
     def _extra_blocks(self, table: _Table, num_new_tokens: int) -> int:
         return -(-(table.num_slots + num_new_tokens) // self.block_size) - len(table.blocks)
@@ -165,11 +193,12 @@ class BlockManager:
         """
         table = self._tables[seq_id]
         full = min(num_computed_tokens // self.block_size, len(block_hashes), len(table.blocks))
+        cached, blocks = self._cached, table.blocks
         for i in range(table.num_registered, full):
-            block = table.blocks[i]
-            if block.block_hash is None and block_hashes[i] not in self._cached:
-                block.block_hash = block_hashes[i]
-                self._cached[block_hashes[i]] = block
+            block, block_hash = blocks[i], block_hashes[i]
+            if block.block_hash is None and block_hash not in cached:
+                block.block_hash = block_hash
+                cached[block_hash] = block
         table.num_registered = max(table.num_registered, full)
 
     def free(self, seq_id: str) -> None:
@@ -179,15 +208,16 @@ class BlockManager:
         evicted before its first ones (which more requests share).
         """
         table = self._tables.pop(seq_id)
+        empty, evictable = self._empty, self._evictable
         for block in reversed(table.blocks):
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block.block_id} freed twice"
             if block.ref_count > 0:
                 continue
             if block.block_hash is None:
-                self._empty.append(block)
+                empty.append(block)
             else:
-                self._evictable[block.block_id] = block
+                evictable[block.block_id] = block
 
     def _take_cached(self, block_hash: int) -> _Block:
         block = self._cached[block_hash]
@@ -196,15 +226,28 @@ class BlockManager:
         block.ref_count += 1
         return block
 
-    def _take_empty(self) -> _Block:
-        if self._empty:
-            block = self._empty.pop()
-        else:
-            _, block = self._evictable.popitem(last=False)
-            del self._cached[block.block_hash]
+    def _take_empty(self, n: int) -> list[_Block]:
+        """`n` free blocks for fresh content, each held once: the last freed empty ones
+        first, then unused ones, then the least recently freed cached ones (evicted)."""
+        empty = self._empty
+        k = min(n, len(empty))
+        taken = empty[len(empty) - k:]
+        del empty[len(empty) - k:]
+        taken.reverse()  # as popping them one by one would
+        for block in taken:
+            block.ref_count = 1
+        fresh = min(n - k, self.num_blocks - self._unused)
+        if fresh:
+            taken += [_Block(i, 1) for i in range(self._unused, self._unused + fresh)]
+            self._unused += fresh
+        evict, cached = self._evictable.popitem, self._cached
+        for _ in range(n - k - fresh):
+            block = evict(last=False)[1]
+            del cached[block.block_hash]
             block.block_hash = None
-        block.ref_count = 1
-        return block
+            block.ref_count = 1
+            taken.append(block)
+        return taken
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -27,8 +27,9 @@ import collections
 import enum
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 from actors.engines.base import (
     EngineError,
@@ -408,19 +409,18 @@ class SimScheduler:
     def _reserve(self, seq: _Seq, n: int, preempted: list[str]) -> bool:
         """Slots for `n` more computed tokens of `seq`, preempting the youngest running
         sequences while none are free. False if `seq` itself was preempted."""
-        rid = seq.rid
-        extra = seq.num_computed + n - self.blocks.num_slots(rid)
+        rid, blocks = seq.rid, self.blocks
+        extra = seq.num_computed + n - blocks.num_slots(rid)
         if extra <= 0:
             return True
-        while not self.blocks.can_append(rid, extra):
+        while not blocks.try_append_slot(rid, extra):
             victim = self._running.pop()
-            self.blocks.free(victim.rid)
+            blocks.free(victim.rid)
             victim.preempt()
             self._enqueue(victim, front=True)
             preempted.append(victim.rid)
             if victim is seq:
                 return False
-        self.blocks.append_slot(rid, extra)
         return True
 
     def _admit(self, budget: int, batch: list[tuple[_Seq, int]]) -> tuple[Admission, ...]:
@@ -617,26 +617,34 @@ class SimScheduler:
         """Complete the steps of the decode run that end by `until_s` (at least the one in
         flight), in one pass over the batch; leave the run's next step in flight."""
         run, (_, batch) = self._run, self._in_flight
-        size, began, steps = run.batch_size, self.clock_s, 0
+        size, a, b = run.batch_size, run.a, run.b
+        began = clock = self.clock_s
+        context, steps, ends = run.context, 0, []
         while steps < run.steps:
-            duration = run.a + run.b * run.context
-            if self.clock_s + duration > until_s:
+            end = clock + (a + b * context)  # as `next_change_s` sums them
+            if end > until_s:
                 break
-            self.clock_s += duration
-            run.context += size
-            steps += 1
-            self._count_tokens(size)
+            clock, context, steps = end, context + size, steps + 1
+            ends.append(end)
+        self.clock_s, run.context = clock, context
+        self._recent.extend([(end, size) for end in ends])  # per step, as `complete()` counts
+        self._recent_tokens += size * steps
+        self._count_tokens(0)
         more = steps < run.steps
-        block_size, extra = self.blocks.block_size, steps - 1 + more  # slots beyond the scheduled step's
+        blocks, block_size = self.blocks, self.blocks.block_size
+        extra = steps - 1 + more  # slots beyond the ones the scheduled step reserved
+        if extra:
+            blocks.append_slots([seq.rid for seq in self._running], extra)
         for seq in self._running:
-            if extra:
-                self.blocks.append_slot(seq.rid, extra)
             before = seq.num_computed
-            seq.num_computed = before + steps
-            self._count_outputs(seq, steps)
-            if seq.num_computed // block_size > before // block_size:
-                self.blocks.cache_blocks(seq.rid, seq.hashes, seq.num_computed)
-        acc.steps, acc.busy_s, acc.tokens = acc.steps + steps, acc.busy_s + self.clock_s - began, acc.tokens + steps * size
+            seq.num_computed = computed = before + steps
+            seq.num_tokens += steps
+            hashes = seq.hashes
+            for index in range(len(hashes), seq.num_tokens // block_size):
+                hashes.append(_output_block_name(hashes, seq.key, index))
+            if computed // block_size > before // block_size:
+                blocks.cache_blocks(seq.rid, hashes, computed)
+        acc.steps, acc.busy_s, acc.tokens = acc.steps + steps, acc.busy_s + clock - began, acc.tokens + steps * size
         self._last_batch_size = size
         if more:
             run.steps -= steps

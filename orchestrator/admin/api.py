@@ -30,7 +30,7 @@ from orchestrator.admin.views import FleetSummary, ModelSummary, RequestView, re
 from orchestrator.api_errors import field_path
 from orchestrator.controller_client import ControllerUnavailable
 from orchestrator.errors import NotFound, OperationError
-from orchestrator.fleet_status import NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from policies.scorers import SCORERS
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -70,6 +70,10 @@ class CordonBody(_Body):
 def _integral(value: Any) -> Any:
     """JSON Schema counts 3.0 as an integer; so do we (but not `true` or "3")."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class MigrateBody(_Body):
+    target: str | None = None  # a replica id; default: the least loaded ready replica of the model
 
 
 class ScaleBody(_Body):
@@ -200,6 +204,18 @@ def build_admin_app() -> FastAPI:
     async def requests(b: Backend, replica: str | None = None) -> list[RequestView]:
         """Requests in flight: replica, tokens so far, priority, SLO class, age."""
         return [RequestView.of(r, now=time.time()) for r in await b.in_flight() if replica in (None, r.replica_id)]
+
+    @app.post("/requests/{request_id}/migrate", dependencies=[Operator], response_model=MigrationView,
+              tags=["migrations"])
+    async def migrate(request_id: str, b: Backend, body: MigrateBody | None = None,
+                      key: IdempotencyKey = None) -> MigrationView:
+        """Move a request to another replica while it decodes; its client's stream goes on unbroken."""
+        return await b.migrate_request(request_id, (body or MigrateBody()).target, key)
+
+    @app.get("/migrations", dependencies=[Viewer], response_model=list[MigrationView], tags=["migrations"])
+    async def migrations(b: Backend) -> list[MigrationView]:
+        """Migrations in flight and recently ended, with their stages, timings and abort reasons."""
+        return list(await b.migrations())
 
     @app.get("/config", dependencies=[Viewer], tags=["config"])
     async def config(b: Backend) -> dict[str, Any]:

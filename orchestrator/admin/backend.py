@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from orchestrator.config import FleetConfig
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 
 
 class AdminBackend(Protocol):
@@ -22,6 +22,8 @@ class AdminBackend(Protocol):
     async def cordon_node(self, node_id: str, drain: bool, key: str | None = None) -> NodeStatus: ...
     async def uncordon_node(self, node_id: str, key: str | None = None) -> NodeStatus: ...
     async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus: ...
+    async def migrate_request(self, request_id: str, target: str | None, key: str | None = None) -> MigrationView: ...
+    async def migrations(self) -> tuple[MigrationView, ...]: ...
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig: ...
 
 
@@ -51,6 +53,12 @@ class LocalBackend:
 
     async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus:
         return self.actor.scale_pool(pool, replicas, key)
+
+    async def migrate_request(self, request_id: str, target: str | None, key: str | None = None) -> MigrationView:
+        return self.actor.migrate_request(request_id, target, key)
+
+    async def migrations(self) -> tuple[MigrationView, ...]:
+        return self.actor.migrations()
 
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return self.actor.update_settings(patch, key)

@@ -14,8 +14,11 @@ binding constraints. Exit status 1 when no plan meets the SLO (the table says wh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,7 +127,7 @@ def capacities(spec: TransformerSpec, gpus: list[tuple[str, int]], scheme: Bucke
         profile = None
         if step_profiles and name in step_profiles:
             _, body = split_conditions(step_profiles[name].read_text())
-            profile = MeasuredProfile.from_csv(_text_stream(body))
+            profile = MeasuredProfile.from_csv(io.StringIO(body))
         cap = derive_capacity(spec, gpu_spec(name), scheme, slo, gpus_per_replica=per_replica,
                               max_num_seqs=max_num_seqs, profile=profile)
         if rate_tables and name in rate_tables:
@@ -132,12 +135,6 @@ def capacities(spec: TransformerSpec, gpus: list[tuple[str, int]], scheme: Bucke
             cap = override_rates(cap, rows, source=str(rate_tables[name]))
         out[name] = cap
     return out
-
-
-def _text_stream(text: str):
-    import io
-
-    return io.StringIO(text)
 
 
 def _files(items: list[str], flag: str) -> dict[str, Path]:
@@ -189,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"flotilla plan: {message}", file=sys.stderr)
         return 2
-    plan = solve_placement(problem)
-    single = cheapest_single(problem)
+    with _stdout_to_stderr():
+        plan = solve_placement(problem)
+        single = cheapest_single(problem)
     if plan.feasible and math.isfinite(single.single_cost_per_hour) and single.single_cost_per_hour > 0:
         single = Comparison(single.single_type, single.single_cost_per_hour,
                             1 - plan.cost_per_hour / single.single_cost_per_hour)
@@ -201,6 +199,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(plan, workload, args.trace, args.slo, single))
     return 0 if plan.feasible else 1
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """HiGHS prints an occasional debug line from C straight to file descriptor 1, which
+    would corrupt --json output; send that descriptor to stderr while solving."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _json_default(value):

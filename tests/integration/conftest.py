@@ -108,13 +108,14 @@ def fleet_config(model_dir: str, http_port: int, metrics_port: int) -> FleetConf
     return parse_config({
         "namespace": "flotilla-test",
         "models": [
-            {"name": "tiny-llama", "path": model_dir, "max_model_len": 512, "block_size": 32},
+            {"name": "tiny-llama", "path": model_dir, "max_model_len": 1024, "block_size": 32},
             {"name": "sim-llama-7b", "arch": "llama-2-7b", "tokenizer": "byte", "max_model_len": 4096},
             {"name": "sim-slow", "arch": "llama-2-7b", "tokenizer": "byte", "max_model_len": 2048},
         ],
         "pools": [
+            # two, on different nodes (replicas spread): vLLM-to-vLLM migration across nodes
             {"name": "cpu", "gpu_type": "CPU", "model": "tiny-llama", "engine": "vllm", "gpus_per_replica": 0,
-             "replicas": 1, "max_replicas": 1, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+             "replicas": 2, "max_replicas": 2, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
             {"name": "h100", "gpu_type": "H100", "model": "sim-llama-7b", "replicas": 2},
             {"name": "l4", "gpu_type": "L4", "model": "sim-llama-7b", "replicas": 2},
             # one sequence at a time and one waiting: easy to fill, for the overload tests

@@ -28,7 +28,7 @@ def test_the_admin_api_is_served_with_its_spec(fleet):
 
 def test_status_and_replicas_as_json_and_as_tables(fleet):
     status = json.loads(flotilla(fleet, "status", "--json", token=VIEWER_TOKEN).stdout)
-    assert {p["name"]: p["ready"] for p in status["fleet"]["pools"]} == {"cpu": 1, "h100": 2, "l4": 2, "slow": 1}
+    assert {p["name"]: p["ready"] for p in status["fleet"]["pools"]} == {"cpu": 2, "h100": 2, "l4": 2, "slow": 1}
     table = flotilla(fleet, "status", token=VIEWER_TOKEN).stdout
     assert "POOL" in table and "h100" in table and "$/H" in table
     replicas = json.loads(flotilla(fleet, "replicas", "--pool", "h100", "--json").stdout)

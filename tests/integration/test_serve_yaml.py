@@ -73,7 +73,9 @@ def local_ray(config: FleetConfig) -> Iterator[RayHead]:
     temp_dir = tempfile.mkdtemp(prefix="fly-", dir="/tmp")
     gcs, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env |= {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    # Ray's default: token auth. `ray start` uses (or makes) ~/.ray/auth_token; the `serve`
+    # CLI sends it only when told the mode, as an operator's shell would be.
+    env |= {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token"}
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",

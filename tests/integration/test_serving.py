@@ -26,8 +26,9 @@ def client(fleet) -> openai.OpenAI:
 def test_replicas_land_on_their_gpu_type(fleet, ray_cluster):
     placed = {(r.pool, ray_cluster.kind_of(r.node_id)) for r in fleet.replicas() if r.pool != "cpu"}
     assert placed == {("h100", "H100"), ("l4", "L4"), ("slow", "L4")}
-    [cpu] = fleet.replicas("cpu")
-    assert ray_cluster.kind_of(cpu.node_id) in ("head", "cpu")  # any node with CPUs, never a GPU node
+    cpu = fleet.replicas("cpu")
+    assert len(cpu) == 2 and len({r.node_id for r in cpu}) == 2  # spread over two nodes
+    assert {ray_cluster.kind_of(r.node_id) for r in cpu} <= {"head", "cpu"}  # never a GPU node
     assert len(fleet.replicas("h100")) == 2 and len(fleet.replicas("l4")) == 2
 
 
@@ -59,7 +60,7 @@ import json, sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     prompts = json.loads(sys.argv[2])
-    llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True, seed=0)
+    llm = LLM(model=sys.argv[1], max_model_len=1024, enforce_eager=True, seed=0)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=False))
     print("RESULT" + json.dumps([o.outputs[0].text for o in outs]))
 """

@@ -23,7 +23,15 @@ from bench.loadgen import (
     run_load,
     trace_window,
 )
-from bench.report import RequestRecord, distribution, percentile, summarize, token_rate_series
+from bench.report import (
+    RequestRecord,
+    cpu_delta,
+    distribution,
+    percentile,
+    process_name,
+    summarize,
+    token_rate_series,
+)
 from bench.traces import TraceRequest
 
 TRACE = tuple(TraceRequest(float(t), p, o) for t, p, o in
@@ -199,3 +207,22 @@ def test_token_rate_series_bins_tokens_by_chunk_time():
     starts, rates = token_rate_series(records, bin_s=1.0)
     assert starts.tolist() == [0.0, 1.0, 2.0]
     assert rates.tolist() == [2.0, 3.0, 2.0]  # request 1 carries 2 tokens per chunk
+
+
+@pytest.mark.parametrize("cmdline, name", [
+    ([b"ray::ModelReplica.generate", b""], "ray::ModelReplica"),  # a task's method is not part of the name
+    ([b"ray::ServeReplica:flotilla:flotilla-ingress"], "ray::ServeReplica:flotilla:flotilla-ingress"),
+    ([b"VLLM::EngineCore"], "VLLM::EngineCore"),
+    ([b"/v/bin/python", b"-m", b"vllm.entrypoints.openai.api_server", b"--model", b"m"], "vllm api_server"),
+    ([b"/v/bin/python3", b"/v/bin/flotilla", b"up"], "flotilla"),
+    ([b"/v/ray/core/src/ray/gcs/gcs_server", b"--log_dir=/tmp"], "gcs_server"),
+    ([b""], "?"),
+])
+def test_process_name(cmdline, name):
+    assert process_name(cmdline) == name
+
+
+def test_cpu_delta_sums_by_name_and_counts_new_processes_from_zero():
+    before = {1: ("ray::RouterAgent", 10.0), 2: ("ray::RouterAgent", 4.0), 3: ("gone", 9.0)}
+    after = {1: ("ray::RouterAgent", 10.5), 2: ("ray::RouterAgent", 5.0), 4: ("VLLM::Worker", 2.0)}
+    assert cpu_delta(before, after) == {"ray::RouterAgent": 1.5, "VLLM::Worker": 2.0}

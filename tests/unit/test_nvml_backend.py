@@ -194,8 +194,8 @@ def test_an_unknown_gpu_index_is_refused_and_nvml_shut_down():
 
 def test_close_shuts_nvml_down_once():
     b, nvml = backend()
-    with b:
-        pass
+    with b as entered:
+        assert entered is b
     b.close()
     assert nvml.names().count("nvmlShutdown") == 1
     with pytest.raises(PowerBackendUnavailable, match="closed"):

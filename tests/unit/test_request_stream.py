@@ -23,6 +23,7 @@ class ScriptedReplica:
     fail_after: int | None = None
     overloaded: bool = False
     end_with: FinishReason | None = None  # an early end (ABORT) instead of finishing
+    migrate_to: str | None = None  # with end_with=ABORT: a handoff to this replica
     replay: int = 0  # re-send this many already-sent tokens first (an engine bug we tolerate)
     skip: int = 0  # skip this many tokens (an engine bug we refuse)
     seen: list[GenerationRequest] = field(default_factory=list)
@@ -37,7 +38,8 @@ class ScriptedReplica:
             if self.fail_after is not None and i >= self.fail_after:
                 raise ReplicaUnavailable(self.replica_id, "actor died", dead=True)
             if self.end_with is not None and i == start + 2:
-                yield TokenDelta(request.request_id, i, (), "", finish_reason=self.end_with)
+                yield TokenDelta(request.request_id, i, (), "", finish_reason=self.end_with,
+                                 migrated_to=self.migrate_to)
                 return
             last = i == end - 1
             yield TokenDelta(request.request_id, i, (TOKENS[i],), f"<{TOKENS[i]}>",
@@ -54,6 +56,9 @@ class ScriptedDispatcher:
         replica = next(r for rid, r in self.replicas.items() if rid not in routing.exclude)
         self.assigned.append(replica.replica_id)
         return replica, RoutingDecision(routing.request_id, 1, replica.replica_id)
+
+    def replica(self, replica_id: str):
+        return self.replicas[replica_id]
 
     def forget_replica(self, replica_id: str) -> None:
         self.forgotten.append(replica_id)
@@ -126,3 +131,17 @@ async def test_resumes_are_bounded_and_then_the_client_gets_a_clear_error():
     with pytest.raises(StreamFailed, match="gave up after 2 resumes"):
         await collect(stream)
     assert stream.output_ids == TOKENS[:3]  # everything sent before giving up was contiguous
+
+
+async def test_a_handoff_resumes_on_the_named_target_and_records_the_stall():
+    source = ScriptedReplica("a", end_with=FinishReason.ABORT, migrate_to="c")
+    dispatcher = ScriptedDispatcher(source, ScriptedReplica("b"), ScriptedReplica("c"))
+    moves = []
+    stream = stream_over(dispatcher)
+    stream.on_migrated = moves.append
+    deltas = await collect(stream)
+    assert tokens_of(deltas) == TOKENS[:10]
+    assert dispatcher.assigned == ["a"]  # the target came from the handoff, not the router
+    assert dispatcher.replicas["c"].seen[0].output_token_ids == tuple(TOKENS[:2])
+    assert stream.resumes == 0 and [(m.source, m.target) for m in stream.migrations] == [("a", "c")]
+    assert moves == stream.migrations and moves[0].downtime_s >= 0
