@@ -7,6 +7,7 @@ Only `actors.replica_client.ReplicaClient` calls it through Ray.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -55,18 +56,24 @@ class ModelReplica:
         self.engine = make_engine(spec)
         self._moved: dict[str, str] = {}  # request id -> the replica it was handed off to
         self._prefetches = itertools.count()
+        self._info: ReplicaInfo | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> ReplicaInfo:
-        began = time.time()
-        await self.engine.start()
-        return ReplicaInfo(
-            replica_id=self.spec.replica_id,
-            node_id=_current_node_id(),
-            pid=os.getpid(),
-            kv_blocks_total=self.engine.stats().kv_blocks_total,
-            started_at=began,
-            load_s=time.time() - began,
-        )
+        """Start the engine once; later calls (a restarted controller re-adopting it) just say where it runs."""
+        async with self._starting:
+            if self._info is None:
+                began = time.time()
+                await self.engine.start()
+                self._info = ReplicaInfo(
+                    replica_id=self.spec.replica_id,
+                    node_id=_current_node_id(),
+                    pid=os.getpid(),
+                    kv_blocks_total=self.engine.stats().kv_blocks_total,
+                    started_at=began,
+                    load_s=time.time() - began,
+                )
+        return self._info
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """Streamed to the caller through a Ray streaming generator, one delta per item.

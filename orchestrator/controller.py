@@ -15,15 +15,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from orchestrator.config import FleetConfig
+from orchestrator.durable_state import ControllerMemory, DurableState
 from orchestrator.fleet_state import FleetState, NodeRecord, ReplicaRecord
 from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.metrics import MetricsRegistry
 from orchestrator.migration_manager import MigrationManager
 from orchestrator.migration_record import MigrationRecord
 from orchestrator.node_manager import NodeManager, NodeSource
-from orchestrator.replica_manager import Launcher, ReplicaManager
+from orchestrator.replica_manager import Attacher, Launcher, ReplicaManager
 from orchestrator.router_manager import RouterLauncher, RouterManager
-from orchestrator.settings_patch import apply_patch
+from orchestrator.settings_patch import apply_patch, merge_patch
 from orchestrator.view_builder import build_view
 from policies.fleet_view import FleetView, ReplicaState
 
@@ -48,12 +49,20 @@ class Controller:
         node_source: NodeSource = list,
         clock: Callable[[], float] = time.time,
         metrics: MetricsRegistry | None = None,
+        durable: DurableState | None = None,
+        attacher: Attacher | None = None,
+        discover: Callable[[], list[str]] = list,
     ):
         self.config = config
         self.clock = clock
         self.metrics = metrics or MetricsRegistry()
         self.state = FleetState()
-        self.replicas = ReplicaManager(config, self.state, launcher, clock)
+        self.durable = durable
+        self.discover = discover  # ids of replica actors alive in the cluster, whoever started them
+        self.settings_patch: dict[str, Any] = {}  # every runtime change so far, merged
+        self._restored = False
+        self._remembered: ControllerMemory | None = None
+        self.replicas = ReplicaManager(config, self.state, launcher, clock, attacher)
         self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
         self.routers = RouterManager(config, router_launcher)
         self.migrations = MigrationManager(config, self.state, lambda rid: self.replicas.handles[rid],
@@ -69,6 +78,8 @@ class Controller:
 
     async def step(self) -> None:
         """One reconcile tick."""
+        if not self._restored:
+            self._restore()
         for name, update in self._managers:
             began = time.perf_counter()
             try:
@@ -78,6 +89,44 @@ class Controller:
                 self.metrics["flotilla_controller_errors_total"].labels(name).inc()
             finally:
                 self.metrics["flotilla_controller_tick_seconds"].labels(name).observe(time.perf_counter() - began)
+        self._remember()
+
+    # surviving a restart ---------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Take back a former controller's intent and live replicas (the first tick after a restart)."""
+        self._restored = True
+        try:
+            memory = self.durable.load() if self.durable else None
+        except Exception:  # noqa: BLE001 — an unreadable memory means starting fresh, loudly
+            log.exception("could not read the controller's durable state; starting from the config")
+            memory = None
+        if memory is not None:
+            if memory.settings_patch:
+                self.update_settings(memory.settings_patch)
+            for pool, n in memory.desired.items():
+                cfg = self.config.pool(pool)
+                if cfg is not None:
+                    self.replicas.desired[pool] = min(max(n, cfg.min_replicas), cfg.max_replicas)
+            self.state.cordoned.update(memory.cordoned)
+        known = set(memory.replicas) if memory else set()
+        adopted = [r for r in sorted(known | set(self.discover())) if self.replicas.adopt(r) is not None]
+        if adopted:
+            log.info("re-adopted %d replicas of a former controller: %s", len(adopted), ", ".join(adopted))
+
+    def _remember(self) -> None:
+        """Write the intent that must survive a restart, when it changed."""
+        if self.durable is None:
+            return
+        memory = ControllerMemory(
+            desired=dict(self.replicas.desired),
+            cordoned=sorted(self.state.cordoned),
+            settings_patch=self.settings_patch,
+            replicas={r.replica_id: r.pool for r in self.state.live()},
+        )
+        if memory != self._remembered:
+            self.durable.save(memory)
+            self._remembered = memory
 
     # operator actions -----------------------------------------------------------------
 
@@ -106,6 +155,7 @@ class Controller:
         if not patch:
             return self.config
         self.config = apply_patch(self.config, patch)
+        self.settings_patch = merge_patch(self.settings_patch, patch)
         self.replicas.config = self.migrations.config = self.config
         self.routers.reconfigure(self.config)
         return self.config
@@ -147,7 +197,8 @@ class Controller:
     def _node_status(self, n: NodeRecord) -> NodeStatus:
         o = n.observed
         replicas = tuple(sorted(r.replica_id for r in self.state.live() if r.node_id == n.node_id))
-        return NodeStatus(n.node_id, o.address, o.gpu_type, o.gpus, o.alive, n.cordoned, o.is_head, replicas)
+        return NodeStatus(n.node_id, o.address, o.gpu_type, o.gpus, o.alive, n.node_id in self.state.cordoned,
+                          o.is_head, replicas)
 
     # managers -------------------------------------------------------------------------
 

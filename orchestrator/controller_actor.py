@@ -13,11 +13,12 @@ from typing import Any
 
 from orchestrator.config import FleetConfig, parse_config
 from orchestrator.controller import Controller
+from orchestrator.durable_state import DurableState, GcsKeyValue
 from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from orchestrator.idempotency import IdempotencyStore
 from orchestrator.metrics import MetricsRegistry, Observation
 from orchestrator.node_manager import NodeSource, ray_node_source
-from orchestrator.replica_manager import Launcher, ray_launcher
+from orchestrator.replica_manager import Launcher, ray_attacher, ray_launcher, ray_replica_discovery
 from orchestrator.router_manager import RouterLauncher, ray_router_launcher
 from policies.fleet_view import FleetView
 
@@ -29,7 +30,8 @@ class ControllerActor:
     same actor logic run in-process over fake replicas (the admin API's tests do)."""
 
     def __init__(self, config_data: dict[str, Any], *, launcher: Launcher | None = None,
-                 router_launcher: RouterLauncher | None = None, node_source: NodeSource | None = None):
+                 router_launcher: RouterLauncher | None = None, node_source: NodeSource | None = None,
+                 durable: DurableState | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = parse_config(config_data)
         namespace = self.config.namespace
@@ -41,6 +43,9 @@ class ControllerActor:
             router_launcher=router_launcher or ray_router_launcher(namespace),
             node_source=node_source or ray_node_source,
             metrics=self.metrics,
+            durable=durable or DurableState(GcsKeyValue(namespace), on_error=self._durable_write_failed),
+            attacher=ray_attacher(namespace) if launcher is None else None,
+            discover=ray_replica_discovery(namespace) if launcher is None else list,
         )
         self.idempotency = IdempotencyStore(self.config.admin.idempotency_ttl_s, time.time)
         self._loop: asyncio.Task | None = None
@@ -52,6 +57,10 @@ class ControllerActor:
             except OSError as e:  # the fleet still serves; the operator sees why metrics are missing
                 self.metrics_error = f"cannot serve metrics on port {port}: {e}"
                 log.error(self.metrics_error)
+
+    @staticmethod
+    def _durable_write_failed(error: Exception) -> None:
+        log.warning("could not write the controller's durable state to the GCS: %s", error)
 
     async def start(self) -> None:
         """Start the reconcile loop (idempotent)."""

@@ -102,11 +102,10 @@ class NodeObservation:
 
 @dataclass
 class NodeRecord:
-    """A node and what the operator said of it. `cordoned`: no new replicas land there."""
+    """A node as last observed."""
 
     observed: NodeObservation
     first_seen: float
-    cordoned: bool = False
     died_at: float | None = None
 
     @property
@@ -124,10 +123,11 @@ class FleetState:
 
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    cordoned: set[str] = field(default_factory=set)  # node ids no new replica may land on
     retention_s: float = 600.0
 
     def cordoned_nodes(self) -> tuple[str, ...]:
-        return tuple(sorted(n.node_id for n in self.nodes.values() if n.cordoned))
+        return tuple(sorted(self.cordoned))
 
     def observe_nodes(self, observed: list[NodeObservation], now: float) -> list[str]:
         """Merge a cluster report; returns ids of nodes that died since the last one."""

@@ -56,7 +56,7 @@ class NodeManager:
         node = self._node(node_id)
         if not node.alive:
             raise Conflict(f"node {node_id} is dead", code="node_dead")
-        node.cordoned = True
+        self.state.cordoned.add(node_id)
         if drain:
             for record in [r for r in self.state.live() if r.node_id == node_id]:
                 if record.state in (ReplicaState.READY, ReplicaState.UNHEALTHY):
@@ -65,7 +65,7 @@ class NodeManager:
 
     def uncordon(self, node_id: str) -> NodeRecord:
         node = self._node(node_id)
-        node.cordoned = False
+        self.state.cordoned.discard(node_id)
         return node
 
     def _node(self, node_id: str) -> NodeRecord:

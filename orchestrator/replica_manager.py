@@ -17,7 +17,7 @@ from typing import Protocol
 from actors.engines.base import EngineStats
 from actors.replica import ReplicaInfo
 from actors.replica_client import ReplicaClient, ReplicaPlacement, ReplicaUnavailable
-from actors.replica_spec import ReplicaSpec
+from actors.replica_spec import ReplicaSpec, replica_actor_name
 from orchestrator.config import FleetConfig, PoolConfig
 from orchestrator.errors import Conflict, Invalid, NotFound
 from orchestrator.fleet_state import FleetState, ReplicaRecord
@@ -40,10 +40,33 @@ class ReplicaHandle(Protocol):
 
 
 Launcher = Callable[[ReplicaSpec, ReplicaPlacement], ReplicaHandle]
+Attacher = Callable[[str], ReplicaHandle]  # a replica id -> a handle on its live actor, or ReplicaUnavailable
 
 
 def ray_launcher(namespace: str) -> Launcher:
     return lambda spec, placement: ReplicaClient.create(spec, namespace, placement)
+
+
+def ray_attacher(namespace: str) -> Attacher:
+    return lambda replica_id: ReplicaClient.lookup(replica_id, namespace)
+
+
+def ray_replica_discovery(namespace: str) -> Callable[[], list[str]]:
+    """Ids of the replica actors alive in the fleet's namespace, whoever started them."""
+
+    def discover() -> list[str]:
+        import ray
+
+        prefix = replica_actor_name("")
+        return [a["name"].removeprefix(prefix) for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == namespace and a["name"].startswith(prefix)]
+
+    return discover
+
+
+def pool_of(replica_id: str) -> str:
+    """Replica ids are `<pool>-<8 hex digits>` (see `ReplicaManager._launch`)."""
+    return replica_id.rsplit("-", 1)[0]
 
 
 def placement_for(pool: PoolConfig, avoid_nodes: tuple[str, ...] = ()) -> ReplicaPlacement:
@@ -82,10 +105,12 @@ def spec_for(config: FleetConfig, pool: PoolConfig, replica_id: str) -> ReplicaS
 
 
 class ReplicaManager:
-    def __init__(self, config: FleetConfig, state: FleetState, launcher: Launcher, clock: Callable[[], float]):
+    def __init__(self, config: FleetConfig, state: FleetState, launcher: Launcher, clock: Callable[[], float],
+                 attacher: Attacher | None = None):
         self.config = config
         self.state = state
         self.launcher = launcher
+        self.attacher = attacher
         self.clock = clock
         self.desired: dict[str, int] = {p.name: p.replicas for p in config.pools}
         self.handles: dict[str, ReplicaHandle] = {}
@@ -99,6 +124,21 @@ class ReplicaManager:
         await self._finish_drains(now)
         for replica_id in self.state.forget_ended(now):
             self.handles.pop(replica_id, None)
+
+    def adopt(self, replica_id: str) -> ReplicaRecord | None:
+        """Take back a replica a former controller started (its start is idempotent); None if its pool is gone."""
+        pool = self.config.pool(pool_of(replica_id))
+        if pool is None or self.state.get(replica_id) is not None or self.attacher is None:
+            return None
+        record = ReplicaRecord(spec=spec_for(self.config, pool, replica_id), created_at=self.clock())
+        self.state.add(record)
+        try:
+            self.handles[replica_id] = self.attacher(replica_id)
+        except ReplicaUnavailable as e:
+            record.mark_dead(self.clock(), f"gone while the controller was away: {e}")
+            return record
+        self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record))
+        return record
 
     def set_desired(self, pool: str, replicas: int) -> None:
         cfg = self.config.pool(pool)

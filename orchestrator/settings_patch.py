@@ -30,7 +30,7 @@ def apply_patch(config: FleetConfig, patch: Mapping[str, Any]) -> FleetConfig:
         if not any(path == t or path.startswith(t + ".") for t in RUNTIME_TUNABLE):
             raise Invalid(f"{path}: not runtime-tunable (tunable: {', '.join(sorted(RUNTIME_TUNABLE))}); "
                           "change it with a redeploy", code="not_tunable")
-    merged = _merge(config.model_dump(mode="json"), patch)
+    merged = merge_patch(config.model_dump(mode="json"), patch)
     try:
         return parse_config(merged)
     except ConfigError as e:
@@ -48,14 +48,14 @@ def _leaf_paths(patch: Mapping[str, Any], prefix: str = "") -> list[str]:
     return paths
 
 
-def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+def merge_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """RFC 7386 JSON merge patch: mappings merge, `null` deletes, anything else replaces."""
     out = dict(base)
     for key, value in patch.items():
         if value is None:
             out.pop(key, None)
         elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_patch(out[key], value)
         else:
             out[key] = value
     return out

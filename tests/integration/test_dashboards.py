@@ -236,6 +236,11 @@ def substitute(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
 
 
+def prometheus_regex_escape(value: str) -> str:
+    """A label value as a regex inside a PromQL string, escaped the way Grafana does it."""
+    return re.sub(r"([\\$^*{}\[\]'+?.()|])", r"\\\\\1", value)
+
+
 def resolve_variables(prometheus: Prometheus, dashboard: dict) -> dict[str, str]:
     """Each query variable's values from Prometheus, as Grafana offers them; all selected."""
     values = dict(BUILTINS)
@@ -247,7 +252,7 @@ def resolve_variables(prometheus: Prometheus, dashboard: dict) -> dict[str, str]
         selector, label = label_values_args(variable)
         found = sorted({s[label] for s in prometheus.series(substitute(selector, values)) if label in s})
         assert found, f"variable {variable['name']}: {selector} has no {label!r} values"
-        values[variable["name"]] = "(" + "|".join(re.escape(v) for v in found) + ")"
+        values[variable["name"]] = "(" + "|".join(prometheus_regex_escape(v) for v in found) + ")"
     return values
 
 
@@ -274,3 +279,8 @@ def test_a_bad_query_is_refused(loaded: Prometheus):
     with pytest.raises(AssertionError, match="bad_data"):
         loaded.query("sum by (pool (flotilla_replicas)")
     assert loaded.query("flotilla_no_such_metric")["result"] == []  # why the static check exists
+
+
+def test_variable_values_are_escaped_as_grafana_does():
+    assert prometheus_regex_escape("sim-llama-7b") == "sim-llama-7b"
+    assert prometheus_regex_escape("a.b|c") == r"a\\.b\\|c"  # in a PromQL string: the regex a\.b\|c

@@ -16,6 +16,7 @@ from orchestrator.admin.auth import Role, TokenStore
 from orchestrator.admin.backend import LocalBackend
 from orchestrator.config import AdminConfig
 from orchestrator.controller_actor import ControllerActor
+from orchestrator.durable_state import DurableState, MemoryKeyValue
 from tests.fakes import FakeClock, FakeReplica, FakeRouter, nodes_for
 
 VIEWER, OPERATOR = "viewer-token-0123456789", "operator-token-0123456789"
@@ -40,7 +41,8 @@ class Fleet:
         self.replicas: dict[str, FakeReplica] = {}
         self.routers: dict[str, FakeRouter] = {}
         self.actor = ControllerActor(CONFIG, launcher=self._launch, router_launcher=self._launch_router,
-                                     node_source=lambda: nodes_for("H100", "L4"))
+                                     node_source=lambda: nodes_for("H100", "L4"),
+                                     durable=DurableState(MemoryKeyValue()))
         self.counted: list[tuple[str, str, str]] = []
         self.app = build_admin_app()
         self.app.state.backend = LocalBackend(self.actor)

@@ -1,0 +1,10 @@
+"""The cluster simulator: Flotilla's policies on thousands of simulated GPUs, in virtual time.
+
+Layout: `events` (the discrete-event engine), `replica` (a live-configured sim
+scheduler stepped in virtual time; `timing` memoises its performance model),
+`fleet` (pools and replica lifecycle on the controller's FleetState), `routers` and
+`ingress` (the data path's policy calls), `hooks` (where control-loop policies plug in),
+`workload` and `prompts` (what is replayed), `scenario` (the YAML schema), `simulation`
+(wiring and the run), `records`, `metrics` and `plots` (what comes out), `runner` (the
+`flotilla simulate` driver). See `bench/README.md`'s simulator section for figures.
+"""

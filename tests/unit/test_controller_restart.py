@@ -1,0 +1,105 @@
+"""A controller that dies and comes back: it takes back its intent and its live replicas, never duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from actors.replica_client import ReplicaUnavailable
+from orchestrator.config import parse_config
+from orchestrator.controller import Controller
+from orchestrator.durable_state import DurableState, MemoryKeyValue
+from tests.fakes import FakeClock, FakeReplica, FakeRouter, nodes_for
+
+CONFIG = {
+    "models": [{"name": "m", "arch": "llama-2-7b"}],
+    "pools": [{"name": "h100", "gpu_type": "H100", "model": "m", "replicas": 2, "max_replicas": 4},
+              {"name": "l4", "gpu_type": "L4", "model": "m", "replicas": 1}],
+}
+
+
+class Cluster:
+    """Replicas outlive controllers, as detached actors do."""
+
+    def __init__(self):
+        self.clock = FakeClock()
+        self.replicas: dict[str, FakeReplica] = {}
+        self.launched: list[str] = []
+        self.memory = MemoryKeyValue()
+
+    def launch(self, spec, placement):
+        self.launched.append(spec.replica_id)
+        self.replicas[spec.replica_id] = FakeReplica(spec, placement, self.clock)
+        return self.replicas[spec.replica_id]
+
+    def attach(self, replica_id):
+        replica = self.replicas.get(replica_id)
+        if replica is None or replica.killed:
+            raise ReplicaUnavailable(replica_id, "no such actor", dead=True)
+        return replica
+
+    def alive(self) -> list[str]:
+        return [r for r, fake in self.replicas.items() if not fake.killed]
+
+    def controller(self) -> Controller:
+        return Controller(parse_config(CONFIG), launcher=self.launch, router_launcher=lambda a, s: FakeRouter(a),
+                          node_source=lambda: nodes_for("H100", "L4"), clock=self.clock,
+                          durable=DurableState(self.memory), attacher=self.attach, discover=self.alive)
+
+
+async def settle(controller: Controller, ticks: int = 3) -> None:
+    for _ in range(ticks):
+        await controller.step()
+        await asyncio.sleep(0)
+
+
+async def test_a_restarted_controller_readopts_its_replicas_and_intent():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    first.scale_pool("h100", 3)
+    first.cordon_node("node-L4-b")
+    first.update_settings({"routing": {"load_guard": 0.7}})
+    await settle(first)
+    before = sorted(r.replica_id for r in first.state.live())
+    assert len(before) == 4 and len(cluster.launched) == 4
+
+    second = cluster.controller()  # the first one is gone; the replicas are not
+    await settle(second)
+    assert sorted(r.replica_id for r in second.state.live()) == before
+    assert all(r.state.value == "ready" for r in second.state.live())
+    assert len(cluster.launched) == 4  # nothing was started twice
+    assert second.replicas.desired == {"h100": 3, "l4": 1}
+    assert second.state.cordoned == {"node-L4-b"}
+    assert second.config.routing.load_guard == 0.7
+
+
+async def test_replicas_that_died_meanwhile_are_replaced_and_strays_adopted():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    victim = next(r for r in cluster.replicas.values() if r.spec.pool == "h100")
+    victim.killed = True  # died while no controller watched
+    # a replica started just before the crash, never written to the durable state: one too many for l4
+    cluster.launch(replace(victim.spec, replica_id="l4-0000beef", pool="l4", gpu_type="L4"), victim.placement)
+    launched = len(cluster.launched)
+    second = cluster.controller()
+    await settle(second)
+    live = {r.replica_id: r for r in second.state.live()}
+    assert second.state.get(victim.replica_id).state.value == "dead"
+    assert "l4-0000beef" in second.state.replicas  # known: adopted, then retired as one too many
+    assert sum(r.pool == "l4" for r in live.values()) == 1
+    assert sum(r.pool == "h100" for r in live.values()) == 2
+    assert len(cluster.launched) == launched + 1  # only the dead h100 replica was replaced
+
+
+async def test_an_unreadable_memory_means_starting_from_the_config():
+    class Broken(MemoryKeyValue):
+        def get(self, key):
+            raise ConnectionError("GCS unreachable")
+
+    cluster = Cluster()
+    cluster.memory = Broken()
+    controller = cluster.controller()
+    await settle(controller)
+    assert controller.replicas.ready()
