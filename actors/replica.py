@@ -130,6 +130,13 @@ class ModelReplica:
     def snapshot(self, request_id: str) -> RequestSnapshot:
         return self.engine.snapshot(request_id)
 
+    async def pause(self) -> None:
+        """Freeze the engine (requests stay, nothing progresses): what a hang looks like, for drills."""
+        await self.engine.pause()
+
+    async def resume(self) -> None:
+        await self.engine.resume()
+
     async def shutdown(self) -> None:
         await self.engine.shutdown()
 

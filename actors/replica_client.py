@@ -94,6 +94,12 @@ class ReplicaClient:
     async def handoff(self, request_id: str, target_replica_id: str, timeout_s: float = 5.0) -> RequestSnapshot:
         return await self._call(self._handle.handoff.remote(request_id, target_replica_id), timeout_s)
 
+    async def pause(self, timeout_s: float = 10.0) -> None:
+        await self._call(self._handle.pause.remote(), timeout_s)
+
+    async def resume(self, timeout_s: float = 10.0) -> None:
+        await self._call(self._handle.resume.remote(), timeout_s)
+
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         await self._call(self._handle.shutdown.remote(), timeout_s)
 

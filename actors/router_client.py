@@ -70,6 +70,13 @@ class RouterClient:
         """Fire and forget: a lost batch of bookings only makes routing a little less even."""
         self._handle.receive_bookings.remote(bookings)
 
+    def crash(self) -> None:
+        """Kill the agent the way a failure would: Ray restarts it (a drill)."""
+        try:
+            ray.kill(self._handle, no_restart=False)
+        except (RayActorError, ValueError):
+            pass  # already gone
+
     def kill(self) -> None:
         try:
             ray.kill(self._handle, no_restart=True)

@@ -72,8 +72,18 @@ def plan_of(scenario: Scenario) -> list[loadgen.PlannedRequest]:
 
 def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest],
                 progress=print) -> tuple[list[RequestRecord], Overhead]:
-    """Replay `plan` against the scenario's fleet served live; then probe the overhead."""
-    from orchestrator import embedded
+    """Replay `plan` against the scenario's fleet served live; then probe the overhead.
+
+    The fleet runs on a Ray cluster of its own (`ray.cluster_utils.Cluster`, one head
+    with the resources `orchestrator.embedded` would give it), so a Ray already running
+    on the machine is neither joined nor disturbed."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.app import build_app
+    from orchestrator.controller_client import ControllerClient
+    from orchestrator.embedded import APP_NAME, head_resources
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = scenario.fleet.model_copy(update={
@@ -81,15 +91,43 @@ def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest],
         "controller": scenario.fleet.controller.model_copy(update={"metrics_port": 0})})
     model = scenario.model_name
     base = f"http://{config.server.host}:{config.server.port}/v1"
-    embedded.start(config, progress=progress, ready_timeout_s=300)
+    res = head_resources(config)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": res.resources})
     try:
+        ray.init(address=cluster.address, namespace=config.namespace, logging_level="ERROR",
+                 log_to_driver=False)
+        serve.start(http_options={"host": config.server.host, "port": config.server.port})
+        serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        controller = _wait(lambda: _lookup(ControllerClient, config.namespace), 120, "the controller")
+        if not asyncio.run(controller.wait_ready(timeout_s=300)):
+            raise RuntimeError("the live fleet did not become ready in 300 s")
         asyncio.run(loadgen.warm_up(base, model, _BYTE_VOCABULARY))
         progress(f"replaying {len(plan)} requests over {plan[-1].at_s:.0f} s ...")
         records = asyncio.run(loadgen.run_load(base, model, plan))
         overhead = asyncio.run(_probe(base, model, scenario))
     finally:
-        embedded.stop(config)
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
     return records, overhead
+
+
+def _lookup(client_type, namespace: str):
+    try:
+        return client_type.lookup(namespace)
+    except Exception:  # noqa: BLE001 — not created yet
+        return None
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 async def _probe(base: str, model: str, scenario: Scenario) -> Overhead:

@@ -178,6 +178,7 @@ class LevelRun:
     summary: LoadSummary
     cpu_s: dict[str, float]  # process name -> CPU seconds spent during the level
     client_cpu_s: float
+    load_average: float  # the machine's 1-minute load average as the level ended (others' work shows here)
     records: tuple[RequestRecord, ...]
 
 
@@ -199,11 +200,12 @@ def run_system(command: ServerCommand, repetition: int, plans: Sequence[loadgen.
             records = asyncio.run(loadgen.run_load(base_url, model, plan.requests))
             cpu = cpu_delta(before, cpu_by_process(running.process.pid))
             summary = summarize(records)
+            load = os.getloadavg()[0]
             runs.append(LevelRun(command.name, repetition, plan.spec.rate, summary, cpu,
-                                 time.process_time() - client_before, tuple(records)))
+                                 time.process_time() - client_before, load, tuple(records)))
             print(f"[{command.name} #{repetition}] rate {plan.spec.rate:g}: {summary.ok}/{summary.sent} ok, "
                   f"{summary.output_token_throughput:.0f} tok/s, TTFT p50 {_ms(summary, 'ttft', 'p50')} ms, "
-                  f"TPOT p50 {_ms(summary, 'tpot', 'p50')} ms", flush=True)
+                  f"TPOT p50 {_ms(summary, 'tpot', 'p50')} ms; load average {load:.1f}", flush=True)
     finally:
         print(f"[{command.name} #{repetition}] stopping", flush=True)
         stop(running)
@@ -233,6 +235,7 @@ class Pooled:
     e2e_p50_s: float
     errors: int
     ttft_p50_spread_s: float  # largest minus smallest TTFT p50 of single runs: the noise between runs
+    load_average: float  # mean over runs of the machine's load average as each ended
 
 
 def pool(runs: Sequence[LevelRun]) -> Pooled:
@@ -245,7 +248,8 @@ def pool(runs: Sequence[LevelRun]) -> Pooled:
     return Pooled(runs[0].system, runs[0].rate, len(runs), sum(r.output_tokens for r in ok) / seconds,
                   len(ok) / seconds, percentile(ttft, 50), percentile(ttft, 99), percentile(tpot, 50),
                   percentile(tpot, 99), percentile([r.e2e_s for r in ok], 50),
-                  sum(run.summary.sent - run.summary.ok for run in runs), max(p50s) - min(p50s))
+                  sum(run.summary.sent - run.summary.ok for run in runs), max(p50s) - min(p50s),
+                  sum(run.load_average for run in runs) / len(runs))
 
 
 @dataclass(frozen=True)
@@ -285,11 +289,12 @@ def cpu_per_kilotoken(runs: Sequence[LevelRun]) -> dict[str, float]:
 def print_report(pooled: dict[tuple[str, float], Pooled], overheads: list[Overhead],
                  cpu: dict[tuple[str, float], dict[str, float]]) -> None:
     print(f"\n{'system':<18}{'rate':>6}{'runs':>5}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'p99':>9}"
-          f"{'TPOT p50':>10}{'p99':>8}{'E2E p50':>9}{'errors':>7}{'TTFT p50 spread':>17}")
+          f"{'TPOT p50':>10}{'p99':>8}{'E2E p50':>9}{'errors':>7}{'TTFT p50 spread':>17}{'load':>6}")
     for p in pooled.values():
         print(f"{p.system:<18}{p.rate:>6g}{p.runs:>5}{p.output_token_throughput:>8.0f}{p.request_throughput:>7.2f}"
               f"{p.ttft_p50_s * 1e3:>8.1f}ms{p.ttft_p99_s * 1e3:>7.0f}ms{p.tpot_p50_s * 1e3:>8.2f}ms"
-              f"{p.tpot_p99_s * 1e3:>6.1f}ms{p.e2e_p50_s:>8.2f}s{p.errors:>7}{p.ttft_p50_spread_s * 1e3:>15.1f}ms")
+              f"{p.tpot_p99_s * 1e3:>6.1f}ms{p.e2e_p50_s:>8.2f}s{p.errors:>7}{p.ttft_p50_spread_s * 1e3:>15.1f}ms"
+              f"{p.load_average:>6.1f}")
     print(f"\nFlotilla vs direct (targets: throughput ratio >= {TARGETS['throughput_ratio_min']}, "
           f"added TTFT p50 <= {TARGETS['added_ttft_p50_ms_max']:g} ms)")
     print(f"{'system':<18}{'rate':>6}{'throughput':>12}{'+TTFT p50':>11}{'+TTFT p99':>11}{'TPOT p50 x':>12}"
@@ -372,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "ready_s": ready, "overheads": overheads, "pooled": list(pooled.values()),
         "cpu_s_per_1000_tokens": {f"{s} {r:g}": v for (s, r), v in cpu.items()},
         "runs": [{"system": run.system, "repetition": run.repetition, "rate": run.rate, "summary": run.summary,
-                  "cpu_s": run.cpu_s, "client_cpu_s": run.client_cpu_s, "records": run.records} for run in runs],
+                  "cpu_s": run.cpu_s, "client_cpu_s": run.client_cpu_s, "load_average": run.load_average,
+                  "records": run.records} for run in runs],
     })
     print(f"wrote {RESULTS_DIR / (args.out + '.json')} and {args.out}_<rate>.png")
     return 0

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from policies.fleet_view import SloClass
 from policies.perfmodel import GPU_CATALOG, MODEL_PRESETS, TransformerSpec
 from policies.power import PowerBudget, PowerPolicyParams
+from policies.restart_backoff import BackoffSettings
 from policies.routing import DEFAULT_ROUTING
 from policies.scorers import SCORERS
 from policies.workload import BucketScheme
@@ -191,6 +192,23 @@ class MigrationConfig(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)  # a migration not switched by then is aborted
 
 
+class RecoveryConfig(_Strict):
+    """Detecting failed parts and carrying requests through them."""
+
+    hang_timeout_s: float = Field(default=15.0, gt=0)  # running requests, no token for this long: hung
+    unresponsive_timeout_s: float = Field(default=10.0, gt=0)  # unhealthy (polls unanswered) this long: dead
+    max_resumes: int = Field(default=3, ge=0)  # per request: replicas it may lose before the client gets an error
+    backoff_base_s: float = Field(default=1.0, gt=0)  # first delay before replacing a failed replica again
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    failure_window_s: float = Field(default=120.0, gt=0)  # failures counted within this window
+    circuit_failures: int = Field(default=5, ge=1)  # this many in the window: stop replacing for a cooldown
+    circuit_cooldown_s: float = Field(default=300.0, gt=0)
+
+    def backoff(self) -> BackoffSettings:
+        return BackoffSettings(self.backoff_base_s, self.backoff_max_s, self.failure_window_s,
+                               self.circuit_failures, self.circuit_cooldown_s)
+
+
 class AdminToken(_Strict):
     name: str = Field(min_length=1)  # who, in the audit log
     role: Literal["viewer", "operator"]
@@ -330,6 +348,7 @@ class FleetConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
 
     @model_validator(mode="after")

@@ -16,8 +16,18 @@ from typing import Any
 
 from orchestrator.config import FleetConfig
 from orchestrator.durable_state import ControllerMemory, DurableState
+from orchestrator.errors import Invalid, NotFound
+from orchestrator.fault_log import FaultLog
 from orchestrator.fleet_state import FleetState, NodeRecord, ReplicaRecord
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import (
+    FaultView,
+    FleetStatus,
+    InFlightRequest,
+    MigrationView,
+    NodeStatus,
+    PoolStatus,
+    ReplicaStatus,
+)
 from orchestrator.metrics import MetricsRegistry
 from orchestrator.migration_manager import MigrationManager
 from orchestrator.migration_record import MigrationRecord
@@ -62,9 +72,10 @@ class Controller:
         self.settings_patch: dict[str, Any] = {}  # every runtime change so far, merged
         self._restored = False
         self._remembered: ControllerMemory | None = None
-        self.replicas = ReplicaManager(config, self.state, launcher, clock, attacher)
+        self.faults = FaultLog(self.metrics, clock)
+        self.replicas = ReplicaManager(config, self.state, launcher, clock, attacher, self.faults)
         self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
-        self.routers = RouterManager(config, router_launcher)
+        self.routers = RouterManager(config, router_launcher, self.faults)
         self.migrations = MigrationManager(config, self.state, lambda rid: self.replicas.handles[rid],
                                            self.metrics, clock)
         self.view: FleetView | None = None
@@ -102,6 +113,9 @@ class Controller:
             log.exception("could not read the controller's durable state; starting from the config")
             memory = None
         if memory is not None:
+            self.faults.report("controller", "controller", "restarted",
+                               f"re-adopting {len(memory.replicas)} replicas from the durable state")
+            self.faults.recovered("controller", "controller")
             if memory.settings_patch:
                 self.update_settings(memory.settings_patch)
             for pool, n in memory.desired.items():
@@ -150,6 +164,30 @@ class Controller:
         records = [*self.migrations.recent, *self.migrations.active.values()]
         return tuple(_migration_view(m) for m in sorted(records, key=lambda m: m.created_at))
 
+    def recent_faults(self) -> tuple[FaultView, ...]:
+        return tuple(FaultView(f.fault_id, f.component, f.target, f.cause, f.detail, f.detected_at,
+                               f.affected_requests, f.recovered_at, f.recovery_s, f.replaced_by)
+                     for f in self.faults.records)
+
+    async def inject_fault(self, kind: str, target: str) -> str:
+        """An operator's drill: break something on purpose; detection and recovery do the rest."""
+        if kind in ("kill_replica", "hang_replica"):
+            record = self.state.get(target)
+            if record is None or not record.serving:
+                raise NotFound(f"no serving replica {target!r}")
+            handle = self.replicas.handles[target]
+            if kind == "kill_replica":
+                handle.kill()
+                return f"killed replica {target}"
+            await handle.pause()
+            return f"replica {target} makes no progress from now on (its engine is paused)"
+        if kind == "kill_router":
+            if target not in self.routers.handles:
+                raise NotFound(f"no router agent {target!r} (agents: {', '.join(self.routers.agent_ids)})")
+            self.routers.handles[target].crash()
+            return f"crashed router agent {target}; Ray restarts it"
+        raise Invalid(f"unknown fault kind {kind!r}", code="unknown_fault")
+
     def update_settings(self, patch: Mapping[str, Any]) -> FleetConfig:
         """Apply a runtime settings patch (see `orchestrator.settings_patch`)."""
         if not patch:
@@ -176,7 +214,8 @@ class Controller:
             ready = sum(r.state is ReplicaState.READY for r in self.state.in_pool(p.name))
             pools.append(PoolStatus(p.name, p.gpu_type, p.model, p.engine, self.replicas.desired[p.name],
                                     p.min_replicas, p.max_replicas, ready,
-                                    ready * max(1, p.gpus_per_replica) * p.price_per_hour))
+                                    ready * max(1, p.gpus_per_replica) * p.price_per_hour,
+                                    self.replicas.held_back.get(p.name, "")))
         return FleetStatus(
             view_version=self.view.version if self.view else 0,
             pools=tuple(pools),
@@ -234,6 +273,8 @@ class Controller:
         self._exported = exported
         m["flotilla_fleet_view_version"].set(self.view.version if self.view else 0)
         m["flotilla_migrations_in_flight"].set(len(self.migrations.active))
+        for pool in self.config.pools:
+            m["flotilla_pool_restarts_held_back"].labels(pool.name).set(int(pool.name in self.replicas.held_back))
 
 
 def _migration_view(m: MigrationRecord) -> MigrationView:

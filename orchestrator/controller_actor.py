@@ -14,7 +14,15 @@ from typing import Any
 from orchestrator.config import FleetConfig, parse_config
 from orchestrator.controller import Controller
 from orchestrator.durable_state import DurableState, GcsKeyValue
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import (
+    FaultView,
+    FleetStatus,
+    InFlightRequest,
+    MigrationView,
+    NodeStatus,
+    PoolStatus,
+    ReplicaStatus,
+)
 from orchestrator.idempotency import IdempotencyStore
 from orchestrator.metrics import MetricsRegistry, Observation
 from orchestrator.node_manager import NodeSource, ray_node_source
@@ -112,6 +120,13 @@ class ControllerActor:
 
     def migrations(self) -> tuple[MigrationView, ...]:
         return self.controller.recent_migrations()
+
+    def faults(self) -> tuple[FaultView, ...]:
+        return self.controller.recent_faults()
+
+    async def inject_fault(self, kind: str, target: str, key: str | None) -> str:
+        return await self.idempotency.run_async(key, f"inject {kind} {target}",
+                                                lambda: self.controller.inject_fault(kind, target))
 
     def update_settings(self, patch: dict[str, Any], key: str | None) -> FleetConfig:
         return self.idempotency.run(key, f"settings {sorted(patch.items())!r}",

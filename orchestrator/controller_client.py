@@ -12,7 +12,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import FleetConfig
 from orchestrator.controller_actor import ControllerActor
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import (
+    FaultView,
+    FleetStatus,
+    InFlightRequest,
+    MigrationView,
+    NodeStatus,
+    PoolStatus,
+    ReplicaStatus,
+)
 from orchestrator.metrics import Observation
 from policies.fleet_view import FleetView
 
@@ -88,6 +96,12 @@ class ControllerClient:
 
     async def migrations(self, timeout_s: float = 5.0) -> tuple[MigrationView, ...]:
         return await self._call(self._handle.migrations.remote(), timeout_s)
+
+    async def faults(self, timeout_s: float = 5.0) -> tuple[FaultView, ...]:
+        return await self._call(self._handle.faults.remote(), timeout_s)
+
+    async def inject_fault(self, kind: str, target: str, key: str | None = None) -> str:
+        return await self._call(self._handle.inject_fault.remote(kind, target, key), 15.0)
 
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return await self._call(self._handle.update_settings.remote(patch, key), 10.0)

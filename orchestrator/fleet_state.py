@@ -34,6 +34,9 @@ class ReplicaRecord:
     stats: EngineStats | None = None
     last_seen: float | None = None
     missed_polls: int = 0
+    progress_mark: int = -1  # output tokens it had emitted when progress was last seen
+    progress_at: float = 0.0  # when that was (or when it last had nothing to do)
+    unhealthy_since: float | None = None
 
     @property
     def replica_id(self) -> str:
@@ -55,16 +58,18 @@ class ReplicaRecord:
 
     def mark_ready(self, node_id: str, now: float) -> None:
         self._move(ReplicaState.READY, ReplicaState.STARTING)
-        self.node_id, self.ready_at, self.last_seen = node_id, now, now
+        self.node_id, self.ready_at, self.last_seen, self.progress_at = node_id, now, now, now
 
     def mark_draining(self) -> None:
         self._move(ReplicaState.DRAINING, ReplicaState.READY, ReplicaState.UNHEALTHY)
 
-    def mark_unhealthy(self) -> None:
+    def mark_unhealthy(self, now: float) -> None:
         self._move(ReplicaState.UNHEALTHY, ReplicaState.READY)
+        self.unhealthy_since = now
 
     def mark_recovered(self) -> None:
         self._move(ReplicaState.READY, ReplicaState.UNHEALTHY)
+        self.unhealthy_since = None
 
     def mark_stopped(self, now: float, reason: str) -> None:
         self._move(ReplicaState.STOPPED, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING,

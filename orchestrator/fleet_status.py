@@ -19,6 +19,7 @@ class PoolStatus:
     max_replicas: int
     ready: int
     price_per_hour: float  # $/h of the pool's ready replicas' GPUs
+    held_back: str = ""  # why missing replicas are not being started (backoff, open circuit)
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,17 @@ class MigrationView:
     ended_at: float | None
     abort_reason: str | None
     detail: str
+
+
+@dataclass(frozen=True)
+class FaultView:
+    fault_id: str
+    component: str
+    target: str
+    cause: str
+    detail: str
+    detected_at: float  # wall-clock seconds
+    affected_requests: tuple[str, ...]
+    recovered_at: float | None
+    recovery_s: float | None  # detection to replacement ready
+    replaced_by: str | None

@@ -9,7 +9,7 @@ the client would otherwise believe its second request had been carried out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +35,8 @@ class IdempotencyStore:
         """Run `operation` once per key; replay its result or its OperationError after that."""
         if key is None:
             return operation()
-        self._expire()
-        seen = self._outcomes.get(key)
+        seen = self._replay(key, fingerprint)
         if seen is not None:
-            if seen.fingerprint != fingerprint:
-                raise Conflict(f"Idempotency-Key {key!r} was used for another operation ({seen.fingerprint})",
-                               code="idempotency_key_reused")
-            if seen.error is not None:
-                raise seen.error
             return seen.result
         try:
             result = operation()
@@ -51,6 +45,34 @@ class IdempotencyStore:
             raise
         self._remember(key, _Outcome(fingerprint, self.clock(), result=result))
         return result
+
+    async def run_async(self, key: str | None, fingerprint: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """`run` for a coroutine operation."""
+        if key is None:
+            return await operation()
+        seen = self._replay(key, fingerprint)
+        if seen is not None:
+            return seen.result
+        try:
+            result = await operation()
+        except OperationError as e:
+            self._remember(key, _Outcome(fingerprint, self.clock(), error=e))
+            raise
+        self._remember(key, _Outcome(fingerprint, self.clock(), result=result))
+        return result
+
+    def _replay(self, key: str, fingerprint: str) -> _Outcome | None:
+        """The stored outcome of `key` (raising its error, or a conflict on another operation)."""
+        self._expire()
+        seen = self._outcomes.get(key)
+        if seen is None:
+            return None
+        if seen.fingerprint != fingerprint:
+            raise Conflict(f"Idempotency-Key {key!r} was used for another operation ({seen.fingerprint})",
+                           code="idempotency_key_reused")
+        if seen.error is not None:
+            raise seen.error
+        return seen
 
     def _remember(self, key: str, outcome: _Outcome) -> None:
         self._outcomes[key] = outcome

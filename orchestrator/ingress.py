@@ -122,9 +122,13 @@ class OpenAIIngress:
         except ApiError as e:
             self.metrics.inc("flotilla_requests_total", (model_name, slo, _Outcome.INVALID))
             return e.response()
-        stream = RequestStream(generation, self._routing_request(generation, model), self.dispatcher,
-                               on_migrated=lambda move: self.metrics.observe(
-                                   "flotilla_migration_downtime_seconds", (model.name,), move.downtime_s))
+        stream = RequestStream(
+            generation, self._routing_request(generation, model), self.dispatcher,
+            max_resumes=self.config.recovery.max_resumes,
+            on_migrated=lambda move: self.metrics.observe(
+                "flotilla_migration_downtime_seconds", (model.name,), move.downtime_s),
+            on_recovered=lambda stall: self._recovered(model.name, stall),
+        )
         self.metrics.inc("flotilla_requests_in_flight", (model.name,))
         self.metrics.inc("flotilla_prompt_tokens_total", (model.name,), len(generation.prompt_token_ids))
         deltas = stream.deltas()
@@ -262,12 +266,18 @@ class OpenAIIngress:
     def _usage(self, stream: RequestStream) -> dict[str, int]:
         return oai.usage_of(len(stream.request.prompt_token_ids), len(stream.output_ids))
 
+    def _recovered(self, model: str, stall_s: float) -> None:
+        self.metrics.inc("flotilla_recovered_requests_total", ("resumed",))
+        self.metrics.observe("flotilla_recovery_seconds", (model,), stall_s)
+
     def _finish(self, stream: RequestStream, outcome: str) -> None:
         model, slo = stream.request.model, stream.request.slo_class
         m = self.metrics
         m.dec("flotilla_requests_in_flight", (model,))
         m.inc("flotilla_requests_total", (model, slo, outcome))
         m.inc("flotilla_output_tokens_total", (model,), len(stream.output_ids))
+        if outcome == _Outcome.FAILED and stream.resumes:
+            m.inc("flotilla_recovered_requests_total", ("failed",))
         if outcome != _Outcome.COMPLETED or stream.ttft_s is None:
             return
         m.observe("flotilla_ttft_seconds", (model, slo), stream.ttft_s)

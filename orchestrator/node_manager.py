@@ -48,8 +48,12 @@ class NodeManager:
         now = self.clock()
         for node_id in self.state.observe_nodes(self.source(), now):
             log.warning("node %s died", node_id)
-            for record in [r for r in self.state.live() if r.node_id == node_id]:
-                self.replicas.declare_dead(record, now, f"node {node_id} died")
+            victims = [r for r in self.state.live() if r.node_id == node_id]
+            affected = tuple(q.request_id for r in victims if r.stats for q in r.stats.requests)
+            if self.replicas.faults is not None:
+                self.replicas.faults.report("node", node_id, "died", f"{len(victims)} replicas on it", affected)
+            for record in victims:
+                self.replicas.declare_dead(record, now, f"node {node_id} died", cause="node_died")
 
     def cordon(self, node_id: str, drain: bool) -> NodeRecord:
         """Idempotent: cordoning a cordoned node changes nothing (and drains nothing twice)."""

@@ -20,12 +20,13 @@ from actors.replica_client import ReplicaClient, ReplicaPlacement, ReplicaUnavai
 from actors.replica_spec import ReplicaSpec, replica_actor_name
 from orchestrator.config import FleetConfig, PoolConfig
 from orchestrator.errors import Conflict, Invalid, NotFound
+from orchestrator.fault_log import FaultLog
 from orchestrator.fleet_state import FleetState, ReplicaRecord
+from orchestrator.replica_health import Health, judge
 from policies.fleet_view import ReplicaState
+from policies.restart_backoff import PoolRestarts, after_failure, launch_gate
 
 log = logging.getLogger(__name__)
-
-MISSED_POLLS_UNHEALTHY = 3  # consecutive unanswered stats polls before a replica is unhealthy
 
 
 class ReplicaHandle(Protocol):
@@ -106,14 +107,17 @@ def spec_for(config: FleetConfig, pool: PoolConfig, replica_id: str) -> ReplicaS
 
 class ReplicaManager:
     def __init__(self, config: FleetConfig, state: FleetState, launcher: Launcher, clock: Callable[[], float],
-                 attacher: Attacher | None = None):
+                 attacher: Attacher | None = None, faults: FaultLog | None = None):
         self.config = config
         self.state = state
         self.launcher = launcher
         self.attacher = attacher
         self.clock = clock
+        self.faults = faults
         self.desired: dict[str, int] = {p.name: p.replicas for p in config.pools}
         self.handles: dict[str, ReplicaHandle] = {}
+        self.restarts: dict[str, PoolRestarts] = {p.name: PoolRestarts() for p in config.pools}
+        self.held_back: dict[str, str] = {}  # pool -> why its missing replicas are not started now
         self._starting: dict[str, asyncio.Task] = {}
 
     async def update(self) -> None:
@@ -184,33 +188,46 @@ class ReplicaManager:
         records = [r for r in self.state.live() if r.serving]
         results = await asyncio.gather(*(self._poll_one(r) for r in records), return_exceptions=True)
         for record, result in zip(records, results):
-            if isinstance(result, EngineStats):
-                record.observe(result, now)
-                if record.state is ReplicaState.UNHEALTHY:
-                    record.mark_recovered()
-            elif isinstance(result, ReplicaUnavailable) and result.dead:
-                self.declare_dead(record, now, str(result))
-            else:
-                record.missed_polls += 1
-                if record.missed_polls >= MISSED_POLLS_UNHEALTHY and record.state is ReplicaState.READY:
-                    log.warning("replica %s unhealthy: %s", record.replica_id, result)
-                    record.mark_unhealthy()
+            verdict = judge(record, result, now, self.config.recovery)
+            if verdict.health is Health.RECOVERED:
+                record.mark_recovered()
+            elif verdict.health is Health.UNHEALTHY:
+                log.warning("replica %s unhealthy: %s", record.replica_id, verdict.detail)
+                record.mark_unhealthy(now)
+            elif verdict.health is Health.DEAD:
+                self.declare_dead(record, now, verdict.detail, cause=verdict.cause)
 
     async def _poll_one(self, record: ReplicaRecord) -> EngineStats:
         return await self.handles[record.replica_id].stats(self.config.controller.stats_timeout_s)
 
-    def declare_dead(self, record: ReplicaRecord, now: float, reason: str) -> None:
-        log.warning("replica %s dead: %s", record.replica_id, reason)
+    def declare_dead(self, record: ReplicaRecord, now: float, reason: str, cause: str = "died") -> None:
+        """Record the death (killing the actor, so its clients' streams break and resume elsewhere).
+
+        `cause` "node_died" is the node's fault, reported by the node manager, and does
+        not count against the pool's restart budget.
+        """
+        log.warning("replica %s dead (%s): %s", record.replica_id, cause, reason)
+        affected = tuple(r.request_id for r in record.stats.requests) if record.stats else ()
         record.mark_dead(now, reason)
         handle = self.handles.get(record.replica_id)
         if handle is not None:
             handle.kill()
+        if cause != "node_died":
+            self.restarts[record.pool] = after_failure(self.restarts[record.pool], now, self.config.recovery.backoff())
+            if self.faults is not None:
+                self.faults.report("replica", record.replica_id, cause, reason, affected)
 
     # act ------------------------------------------------------------------------------
 
     def _scale(self, pool: PoolConfig, now: float) -> None:
         active = [r for r in self.state.in_pool(pool.name) if r.state is not ReplicaState.DRAINING]
         missing = self.desired[pool.name] - len(active)
+        gate = launch_gate(self.restarts[pool.name], now)
+        if missing > 0 and not gate.allowed:
+            self.held_back[pool.name] = f"{gate.reason}; next try in {gate.retry_at - now:.0f}s"
+            missing = 0
+        else:
+            self.held_back.pop(pool.name, None)
         for _ in range(max(0, missing)):
             self._launch(pool, now)
         if missing < 0:
@@ -231,13 +248,23 @@ class ReplicaManager:
             info = await handle.start(self.config.controller.replica_start_timeout_s)
         except Exception as e:  # noqa: BLE001 — any failure to start is this replica's death
             if record.state is ReplicaState.STARTING:
-                self.declare_dead(record, self.clock(), f"failed to start: {e}")
+                self.declare_dead(record, self.clock(), f"failed to start: {e}", cause="failed_to_start")
         else:
             if record.state is ReplicaState.STARTING:
                 record.mark_ready(info.node_id, self.clock())
                 log.info("replica %s ready on node %s (%.1fs)", record.replica_id, info.node_id[:8], info.load_s)
+                self._mend_a_fault(record)
         finally:
             self._starting.pop(record.replica_id, None)
+
+    def _mend_a_fault(self, replacement: ReplicaRecord) -> None:
+        """A new replica in a pool mends that pool's oldest open replica fault."""
+        if self.faults is None:
+            return
+        open_faults = self.faults.open_for_pool(replacement.pool)
+        if open_faults:
+            self.faults.recovered("replica", open_faults[0].target, replaced_by=replacement.replica_id)
+            self.faults.metrics["flotilla_replica_restarts_total"].labels(replacement.pool).inc()
 
     @staticmethod
     def _scale_in_victims(active: list[ReplicaRecord], n: int) -> list[ReplicaRecord]:

@@ -46,6 +46,7 @@ class RequestStream:
         max_resumes: int = 3,
         clock: Callable[[], float] = time.monotonic,
         on_migrated: Callable[[Migration], None] | None = None,
+        on_recovered: Callable[[float], None] | None = None,
     ):
         self.request = request
         self.routing = routing
@@ -62,6 +63,8 @@ class RequestStream:
         self.num_cached_tokens = 0
         self.migrations: list[Migration] = []
         self.on_migrated = on_migrated
+        self.on_recovered = on_recovered  # called with the stall (seconds) once a resume yields a token
+        self._failed_at: float | None = None  # a replica failed under it; no token since
         self._switching: Migration | None = None  # handed off, first token from the target not yet here
 
     @property
@@ -91,6 +94,8 @@ class RequestStream:
                 self._avoid(replica.replica_id)
                 self.dispatcher.forget_replica(replica.replica_id)
                 self.resumes += 1
+                if self._failed_at is None:
+                    self._failed_at = self.last_token_at if self.last_token_at is not None else self.arrived_at
                 if self.resumes > self.max_resumes:
                     raise StreamFailed(f"gave up after {self.max_resumes} resumes; last: {e}") from e
                 log.warning("request %s: %s; resuming after %d tokens", self.request_id, e, len(self.output_ids))
@@ -121,6 +126,10 @@ class RequestStream:
         if delta.token_ids:
             if self._switching is not None:
                 self._finish_switch(now)
+            if self._failed_at is not None:
+                stall, self._failed_at = now - self._failed_at, None
+                if self.on_recovered is not None:
+                    self.on_recovered(stall)
             self.output_ids.extend(delta.token_ids)
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from actors.router import RouterAgentInfo
 from actors.router_client import RouterClient, RouterUnavailable
 from orchestrator.config import FleetConfig
+from orchestrator.fault_log import FaultLog
 from policies.fleet_view import FleetView
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def agent_settings(config: FleetConfig) -> dict[str, Any]:
 
 
 class RouterManager:
-    def __init__(self, config: FleetConfig, launcher: RouterLauncher):
+    def __init__(self, config: FleetConfig, launcher: RouterLauncher, faults: FaultLog | None = None):
+        self.faults = faults
         self.agent_ids = agent_ids_of(config)
         self.settings = agent_settings(config)
         # Version 0 is what agents are built with; a restarted agent is rebuilt with it too,
@@ -68,12 +70,15 @@ class RouterManager:
         )
         for agent_id, result in zip(self.agent_ids, results):
             if isinstance(result, RouterAgentInfo):
-                self.failures.pop(agent_id, None)
+                if self.failures.pop(agent_id, None) is not None and self.faults is not None:
+                    self.faults.recovered("router", agent_id)
                 if result.peers != len(self.agent_ids) - 1:
                     await self._introduce(agent_id)
                 if result.settings_version != self.settings_version:
                     await self._configure(agent_id)
             else:
+                if agent_id not in self.failures and self.faults is not None:
+                    self.faults.report("router", agent_id, "unreachable", str(result))
                 self.failures[agent_id] = str(result)
                 log.warning("router agent %s did not take view %d: %s", agent_id, view.version, result)
 

@@ -188,15 +188,19 @@ class _Bounds:
 
     def refusal(self, source: str, target: str, est_bytes: int) -> str | None:
         """Why one more copy from `source` to `target` would break a bound (None: it would not)."""
+        why = self.saturated(source) or self.saturated(target)
+        if why is None and self.bytes + est_bytes > self.settings.bandwidth_bytes:
+            return (f"{self.bytes + est_bytes} bytes in flight would exceed the bandwidth budget "
+                    f"of {self.settings.bandwidth_bytes:.0f} bytes")
+        return why
+
+    def saturated(self, replica_id: str) -> str | None:
+        """Why no copy may start or end at `replica_id`, whatever its size (None: one may)."""
         s = self.settings
         if self.count >= s.max_in_flight:
             return f"{self.count} KV copies in flight cluster-wide (max_in_flight {s.max_in_flight})"
-        for rid in (source, target):
-            if self.per_replica[rid] >= s.max_per_replica:
-                return f"replica {rid} has {self.per_replica[rid]} KV copies in flight (max_per_replica)"
-        if self.bytes + est_bytes > s.bandwidth_bytes:
-            return (f"{self.bytes + est_bytes} bytes in flight would exceed the bandwidth budget "
-                    f"of {s.bandwidth_bytes:.0f} bytes")
+        if self.per_replica[replica_id] >= s.max_per_replica:
+            return f"replica {replica_id} has {self.per_replica[replica_id]} KV copies in flight (max_per_replica)"
         return None
 
     def book(self, source: str, target: str, est_bytes: int) -> None:
@@ -337,27 +341,28 @@ class _Planner:
         return True
 
     def _balance_once(self, ready: list[str]) -> tuple[bool, str | None]:
-        """One move from the most to the least loaded pair that allows one; (moved, why
-        a wanted move was refused by a bound)."""
-        s, usage = self.settings, self.ledger.usage
+        """One move from the most to the least loaded pair that allows one; (moved, why a
+        bound refused a copy between a pair whose gap exceeds the threshold)."""
+        s, usage, bounds = self.settings, self.ledger.usage, self.state.bounds
         sources = sorted((rid for rid in ready if usage(rid) >= s.high_load), key=lambda rid: (-usage(rid), rid))
         targets = sorted((rid for rid in ready if usage(rid) <= s.low_load), key=lambda rid: (usage(rid), rid))
         refused = None
         for src in sources:
             r = self.ledger.replica(src)
-            candidates = [q for q in r.requests if self._hold(q) is None]
+            blocked = bounds.saturated(src)  # once a bound is reached only re-dispatches pass
+            candidates = [q for q in r.requests if not (blocked and q.running) and self._hold(q) is None]
             candidates.sort(key=lambda q: (q.kv_blocks(r.block_size) if q.running else 0, q.request_id))
             for tgt in (t for t in targets if t != src):
                 if usage(src) - usage(tgt) <= s.balance_gap:
                     break
+                refused = refused or blocked
                 for q in candidates:
-                    if not self._has_room(tgt, q) or self.ledger.usage_with(tgt, q) > self.ledger.usage_without(src, q):
-                        continue
-                    why = self.state.bounds.refusal(src, tgt, self._est_bytes(q, r)) if q.running else None
-                    if why is None:
+                    why = bounds.refusal(src, tgt, self._est_bytes(q, r)) if q.running else None
+                    refused = refused or why
+                    if why is None and self._has_room(tgt, q) and \
+                            self.ledger.usage_with(tgt, q) <= self.ledger.usage_without(src, q):
                         self._move(q, src, tgt, MigrationReason.BALANCE)
                         return True, refused
-                    refused = refused or why
         return False, refused
 
     # -- shared ------------------------------------------------------------------------

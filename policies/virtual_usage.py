@@ -132,19 +132,27 @@ class LoadLedger:
         return self._usage_after(self._loads[replica_id], request, -1)
 
     def _usage_after(self, load: _Load, request: RequestStatus, sign: int) -> float:
-        trial = load.copy()
-        self._book(trial, request, sign)
-        return self._usage_of(trial)
+        blocks = sign * request.kv_blocks(load.replica.block_size)
+        used, queued = (max(0, load.used + blocks), load.queued) if request.running else \
+            (load.used, max(0, load.queued + blocks))
+        c = request.slo_class
+        fraction = self._fraction(load, add=c) if sign > 0 else self._fraction(load, drop=c)
+        return _usage(load.replica.kv_blocks_total, used + queued, fraction)
 
     def _usage_of(self, load: _Load) -> float:
-        return _usage(load.replica.kv_blocks_total, load.used + load.queued,
-                      headroom_fraction(+load.classes, self.headroom))
+        return _usage(load.replica.kv_blocks_total, load.used + load.queued, self._fraction(load))
+
+    def _fraction(self, load: _Load, add: str | None = None, drop: str | None = None) -> float:
+        """Headroom of the classes it holds, with one request of `add` more or of `drop` fewer."""
+        if not self.headroom:
+            return 0.0
+        held = (c for c, n in load.classes.items() if n - (c == drop) > 0)
+        return headroom_fraction([*held, add] if add is not None else held, self.headroom)
 
     def reserved_blocks(self, replica_id: str, extra_class: str | None = None) -> int:
         """KV blocks held back as headroom for the protected classes it holds (and `extra_class`)."""
         load = self._loads[replica_id]
-        classes = set(+load.classes) | ({extra_class} if extra_class is not None else set())
-        return math.ceil(headroom_fraction(classes, self.headroom) * load.replica.kv_blocks_total)
+        return math.ceil(self._fraction(load, add=extra_class) * load.replica.kv_blocks_total)
 
     def room(self, replica_id: str, request: RequestStatus | None = None) -> int:
         """KV blocks free beyond the headroom (the headroom `request`'s class would add included)."""

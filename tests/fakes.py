@@ -47,6 +47,7 @@ class FakeReplica:
     requests: tuple[RequestStatus, ...] = ()
     killed: bool = False
     shut_down: bool = False
+    paused: bool = False
     tokens_per_snapshot: int = 4  # decoding progress between two snapshots
     prefetch_error: Exception | None = None
     prefetched: list[int] = field(default_factory=list)  # context lengths it was asked to warm
@@ -104,6 +105,9 @@ class FakeReplica:
 
     def kill(self) -> None:
         self.killed = True
+
+    async def pause(self, timeout_s: float = 10.0) -> None:
+        self.paused = True
 
 
 @dataclass

@@ -116,6 +116,7 @@ class EngineStats:
     observed_at: float
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
     requests: tuple[RequestStatus, ...] = ()  # every request it holds, running or waiting
+    output_tokens_total: int = 0  # cumulative tokens emitted: the hang watchdog's measure of progress
 
     @property
     def kv_usage(self) -> float:
@@ -164,6 +165,12 @@ class Engine(Protocol):
 
     def snapshot(self, request_id: str) -> RequestSnapshot:
         """The request as it stands now; raises `UnknownRequest`."""
+
+    async def pause(self) -> None:
+        """Stop scheduling; requests stay where they are, undisturbed, until `resume` (a hang drill)."""
+
+    async def resume(self) -> None:
+        """Schedule again after `pause`."""
 
     async def shutdown(self) -> None:
         """Release everything. The engine is unusable afterwards."""

@@ -132,6 +132,9 @@ class SimEngine:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._emitted = 0  # tokens emitted since start
         self._stepping = False
         self._synced_at = 0.0  # wall time up to which the core's clock accounts for idling
 
@@ -164,7 +167,7 @@ class SimEngine:
 
     def stats(self) -> EngineStats:
         self._sync_idle()
-        return replace(self.core.stats(observed_at=self._clock()), requests=tuple(
+        return replace(self.core.stats(observed_at=self._clock()), output_tokens_total=self._emitted, requests=tuple(
             RequestStatus(
                 request_id=rid,
                 priority=s.request.priority,
@@ -233,6 +236,7 @@ class SimEngine:
                 while not self.core.has_work:  # woken for a request aborted since: sleep on
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                await self._unpaused.wait()
                 self._sync_idle()
                 planned = self.core.schedule()
                 self._stepping = True
@@ -247,7 +251,15 @@ class SimEngine:
             self._fail_all(EngineError("internal", f"sim engine step failed: {exc!r}"))
             raise
 
+    async def pause(self) -> None:
+        self._unpaused.clear()
+
+    async def resume(self) -> None:
+        self._sync_idle()
+        self._unpaused.set()
+
     def _deliver(self, result: StepResult) -> None:
+        self._emitted += len(result.tokens)
         for admission in result.admitted:
             stream = self._streams.get(admission.request_id)
             if stream is not None:

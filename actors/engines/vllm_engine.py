@@ -132,6 +132,7 @@ class VllmEngine:
         self._recent_blocks: OrderedDict[int, None] = OrderedDict()  # LRU, newest last
         self._finished = 0
         self._aborted = 0
+        self._emitted = 0  # tokens emitted since start: the hang watchdog's measure of progress
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -179,6 +180,18 @@ class VllmEngine:
             return AsyncEngineArgs(**fields)
         except TypeError as exc:
             raise ValueError(f"engine_args has a field vLLM does not know: {exc}") from exc
+
+    async def pause(self) -> None:
+        """vLLM's own pause, keeping requests and cache in place (used for hang drills)."""
+        await self._require_llm().pause_generation(mode="keep", clear_cache=False)
+
+    async def resume(self) -> None:
+        await self._require_llm().resume_generation()
+
+    def _require_llm(self) -> AsyncLLM:
+        if self._llm is None:
+            raise EngineError("bad_state", "VllmEngine is not started")
+        return self._llm
 
     async def shutdown(self) -> None:
         """Abort what runs (their streams end with ABORT), then stop vLLM's processes."""
@@ -253,6 +266,7 @@ class VllmEngine:
             num_cached_tokens=out.num_cached_tokens or 0,
         )
         live.output.extend(tokens)
+        self._emitted += len(tokens)
         return delta
 
     def _admit(self, request: GenerationRequest) -> AsyncLLM:
@@ -354,6 +368,7 @@ class VllmEngine:
             aborted_requests=self._aborted,
             observed_at=time.time(),
             cached_block_hashes=frozenset(self._recent_blocks),
+            output_tokens_total=self._emitted,
             requests=tuple(
                 RequestStatus(
                     request_id=rid,

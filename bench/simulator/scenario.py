@@ -83,7 +83,10 @@ class SyntheticSource(_Strict):
     def _complete(self) -> SyntheticSource:
         if self.duration_s is None and self.max_requests is None:
             raise ValueError("set duration_s or max_requests")
-        if (self.lengths_trace is None) == (self.prompt is None or self.output is None):
+        laws = (self.prompt, self.output)
+        if self.lengths_trace is not None and laws != (None, None):
+            raise ValueError("set lengths_trace or prompt and output, not both")
+        if self.lengths_trace is None and None in laws:
             raise ValueError("set lengths_trace, or both prompt and output")
         if self.lengths_trace is not None:
             traces.trace_path(self.lengths_trace)

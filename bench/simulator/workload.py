@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from bench import traces
 
 _CHUNK = 65536  # arrivals generated per vectorised batch
+_load_trace = lru_cache(maxsize=8)(traces.load_trace)  # parsing a trace takes a second
 
 
 class Arrival(NamedTuple):
@@ -113,7 +115,7 @@ class TraceWorkload:
                  max_requests: int | None = None, duration_s: float | None = None,
                  prefixes: PrefixGroups | None = None,
                  slo_mix: Mapping[str, float] = {"default": 1.0}):
-        rows = traces.load_trace(trace)
+        rows = _load_trace(trace)
         if window_s is not None:
             rows = traces.window(rows, *window_s)
         rows = traces.compress(rows, speedup)
@@ -177,11 +179,13 @@ class SyntheticWorkload:
             raise ValueError(f"rate must be positive requests/s, got {rate}")
         if duration_s is None and max_requests is None:
             raise ValueError("a synthetic workload needs duration_s or max_requests")
-        if (lengths_trace is None) == (prompt is None or output is None):
-            raise ValueError("give either lengths_trace or both prompt and output length laws")
+        if lengths_trace is not None and (prompt is not None or output is not None):
+            raise ValueError("give either lengths_trace or length laws, not both")
+        if lengths_trace is None and (prompt is None or output is None):
+            raise ValueError("give lengths_trace, or both prompt and output length laws")
         self.rate, self.duration_s, self.max_requests = rate, duration_s, max_requests
         self.burst_every_s, self.burst_s, self.burst_factor = burst_every_s, burst_s, burst_factor
-        self.rows = traces.load_trace(lengths_trace) if lengths_trace else None
+        self.rows = _load_trace(lengths_trace) if lengths_trace else None
         self.prompt, self.output = prompt, output
         self.rng = rng
         self._stream = _Stream(max_model_len, prefixes, slo_mix, rng)

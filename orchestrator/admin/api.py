@@ -30,7 +30,7 @@ from orchestrator.admin.views import FleetSummary, ModelSummary, RequestView, re
 from orchestrator.api_errors import field_path
 from orchestrator.controller_client import ControllerUnavailable
 from orchestrator.errors import NotFound, OperationError
-from orchestrator.fleet_status import MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import FaultView, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
 from policies.scorers import SCORERS
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -74,6 +74,15 @@ def _integral(value: Any) -> Any:
 
 class MigrateBody(_Body):
     target: str | None = None  # a replica id; default: the least loaded ready replica of the model
+
+
+class FaultInjection(_Body):
+    kind: Literal["kill_replica", "hang_replica", "kill_router"]
+    target: str = Field(min_length=1)  # a replica id, or a router agent id
+
+
+class InjectedFault(BaseModel):
+    done: str
 
 
 class ScaleBody(_Body):
@@ -216,6 +225,16 @@ def build_admin_app() -> FastAPI:
     async def migrations(b: Backend) -> list[MigrationView]:
         """Migrations in flight and recently ended, with their stages, timings and abort reasons."""
         return list(await b.migrations())
+
+    @app.get("/faults", dependencies=[Viewer], response_model=list[FaultView], tags=["faults"])
+    async def faults(b: Backend) -> list[FaultView]:
+        """Faults detected recently: component, cause, affected requests, and time to recover."""
+        return list(await b.faults())
+
+    @app.post("/faults/inject", dependencies=[Operator], response_model=InjectedFault, tags=["faults"])
+    async def inject(body: FaultInjection, b: Backend, key: IdempotencyKey = None) -> InjectedFault:
+        """A drill: kill or hang a replica, or crash a router agent; detection and recovery do the rest."""
+        return InjectedFault(done=await b.inject_fault(body.kind, body.target, key))
 
     @app.get("/config", dependencies=[Viewer], tags=["config"])
     async def config(b: Backend) -> dict[str, Any]:

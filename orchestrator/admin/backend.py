@@ -11,7 +11,15 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from orchestrator.config import FleetConfig
-from orchestrator.fleet_status import FleetStatus, InFlightRequest, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import (
+    FaultView,
+    FleetStatus,
+    InFlightRequest,
+    MigrationView,
+    NodeStatus,
+    PoolStatus,
+    ReplicaStatus,
+)
 
 
 class AdminBackend(Protocol):
@@ -24,6 +32,8 @@ class AdminBackend(Protocol):
     async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus: ...
     async def migrate_request(self, request_id: str, target: str | None, key: str | None = None) -> MigrationView: ...
     async def migrations(self) -> tuple[MigrationView, ...]: ...
+    async def faults(self) -> tuple[FaultView, ...]: ...
+    async def inject_fault(self, kind: str, target: str, key: str | None = None) -> str: ...
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig: ...
 
 
@@ -59,6 +69,12 @@ class LocalBackend:
 
     async def migrations(self) -> tuple[MigrationView, ...]:
         return self.actor.migrations()
+
+    async def faults(self) -> tuple[FaultView, ...]:
+        return self.actor.faults()
+
+    async def inject_fault(self, kind: str, target: str, key: str | None = None) -> str:
+        return await self.actor.inject_fault(kind, target, key)
 
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return self.actor.update_settings(patch, key)

@@ -268,6 +268,18 @@ class EngineContract:
         stats = await wait_until(engine, lambda s: not s.requests, "no request held after the abort")
         assert stats.requests == ()
 
+    async def test_pause_holds_requests_in_place_and_resume_continues_them(self, engine):
+        request = self.request(self.prompt_ids(24, salt=11), max_tokens=200)
+        stream = engine.generate(request)
+        first = await asyncio.wait_for(anext(stream), TIMEOUT_S)
+        await engine.pause()
+        paused_at = engine.stats().output_tokens_total
+        assert request.request_id in {r.request_id for r in engine.stats().requests}  # held, not dropped
+        await engine.resume()
+        deltas = [first] + [d async for d in stream]
+        assert len(assert_well_formed(deltas)) == 200
+        assert engine.stats().output_tokens_total >= paused_at + 1
+
     async def test_a_repeated_prompt_is_served_from_the_prefix_cache(self, engine):
         block_size = engine.stats().block_size
         prompt = self.prompt_ids(4 * block_size + 3, salt=8)

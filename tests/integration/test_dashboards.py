@@ -199,24 +199,29 @@ def _ready(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def loaded(fleet, prometheus) -> Prometheus:
-    """A little traffic on every model and both SLO classes, one invalid request, then a wait
-    until Prometheus holds all of it."""
+    """A little traffic on every model and both SLO classes, and one invalid request, sent
+    twice: the first round creates the series, the second moves them between scrapes, so
+    rates are real. Returns once Prometheus holds it all, each series sampled 3 times."""
     client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-    before = _scraped_total(fleet.metrics_url)
-    sent = 0
-    for i in range(12):
+    for _ in range(2):
+        expected = _scraped_total(fleet.metrics_url) + _send_load(client)
+        wait_for(lambda: _scraped_total(fleet.metrics_url) >= expected, timeout_s=30, what="the controller's counts")
+        wait_for(lambda: prometheus.value("sum(flotilla_requests_total)") >= expected, timeout_s=30,
+                 what="Prometheus to scrape the load")
+    wait_for(lambda: prometheus.value("min(count_over_time(flotilla_requests_total[2m]))") >= 3, timeout_s=30,
+             what="three samples of every series")
+    return prometheus
+
+
+def _send_load(client: openai.OpenAI) -> int:
+    """Send the load; returns how many requests ended."""
+    for i in range(9):
         model = ("sim-llama-7b", "sim-llama-7b", "tiny-llama")[i % 3]
         client.completions.create(model=model, prompt=f"dashboard load {i}", max_tokens=6, temperature=0,
                                   extra_body={"slo_class": ("interactive", "batch")[i % 2]})
-        sent += 1
     with pytest.raises(openai.BadRequestError):  # an `invalid` outcome, so error panels have series too
         client.completions.create(model="sim-llama-7b", prompt="x", max_tokens=6, extra_body={"slo_class": "gold"})
-    sent += 1
-    wait_for(lambda: _scraped_total(fleet.metrics_url) >= before + sent, timeout_s=30, what="the controller's counts")
-    target = _scraped_total(fleet.metrics_url)
-    wait_for(lambda: prometheus.value("sum(flotilla_requests_total)") >= target, timeout_s=30,
-             what="Prometheus to scrape the load")
-    return prometheus
+    return 10
 
 
 def _scraped_total(metrics_url: str) -> float:

@@ -10,7 +10,7 @@ from actors.replica_client import ReplicaUnavailable
 from orchestrator.config import parse_config
 from orchestrator.controller import Controller
 from orchestrator.errors import Invalid, NotFound
-from orchestrator.replica_manager import MISSED_POLLS_UNHEALTHY
+from orchestrator.replica_health import MISSED_POLLS_UNHEALTHY
 from tests.fakes import FakeClock, FakeReplica, FakeRouter
 
 CONFIG = {
@@ -69,7 +69,7 @@ async def test_views_reach_every_router_with_growing_versions_and_peers(harness)
 
 
 async def test_a_replica_that_fails_to_start_is_dead_and_replaced(harness):
-    controller, replicas, _, _ = harness
+    controller, replicas, _, clock = harness
     original_launch = controller.replicas.launcher
 
     def failing_once(spec, placement):
@@ -79,7 +79,10 @@ async def test_a_replica_that_fails_to_start_is_dead_and_replaced(harness):
         return handle
 
     controller.replicas.launcher = failing_once
-    await settle(controller, ticks=3)
+    await settle(controller, ticks=2)
+    assert "backing off after 1 failures" in controller.status().pools[1].held_back
+    clock.now += 1.5  # past the first backoff delay
+    await settle(controller, ticks=2)
     l4 = [r for r in controller.state.replicas.values() if r.pool == "l4"]
     assert [r.state.value for r in l4].count("dead") == 1 and [r.state.value for r in l4].count("ready") == 1
     dead = next(r for r in l4 if r.state.value == "dead")
@@ -87,11 +90,16 @@ async def test_a_replica_that_fails_to_start_is_dead_and_replaced(harness):
 
 
 async def test_a_dead_replica_is_replaced_and_leaves_the_view(harness):
-    controller, replicas, routers, _ = harness
+    controller, replicas, routers, clock = harness
     await settle(controller)
     victim = next(r for r in replicas.values() if r.spec.pool == "h100")
     victim.stats_error = ReplicaUnavailable(victim.replica_id, "actor died", dead=True)
     await settle(controller)
+    clock.now += 1.5  # past the first backoff delay
+    await settle(controller)
+    [fault] = controller.recent_faults()
+    assert (fault.component, fault.target, fault.cause) == ("replica", victim.replica_id, "died")
+    assert fault.replaced_by is not None and fault.recovery_s == 1.5
     assert controller.state.get(victim.replica_id).state.value == "dead"
     live = [r for r in controller.state.live() if r.pool == "h100"]
     assert len(live) == 2 and victim.replica_id not in {r.replica_id for r in live}

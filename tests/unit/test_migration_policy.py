@@ -280,6 +280,12 @@ def test_the_bandwidth_budget_counts_bytes_in_flight():
     assert p.decisions == () and "bandwidth budget" in p.notes[0]
 
 
+def test_balance_says_when_the_bounds_stop_it():
+    fleet = view(rep("a", req("a1", 5), filler("f", 85)), rep("b"))
+    p = plan(fleet, max_in_flight=0)
+    assert p.decisions == () and p.notes == ("balance m: 0 KV copies in flight cluster-wide (max_in_flight 0)",)
+
+
 def test_queued_requests_are_re_dispatched_whatever_the_copy_bounds():
     fleet = view(rep("d", req("q", 2, running=False), req("r", 2), state=DRAINING), rep("a"))
     assert moves(plan(fleet, max_in_flight=0)) == [("q", "d", "a")]
@@ -354,7 +360,7 @@ def test_bad_views_are_refused_by_name(fleet, message):
 
 _requests = st.lists(st.tuples(
     st.booleans(),  # running
-    st.integers(1, 600),  # prompt tokens
+    st.integers(1, 1600),  # prompt tokens
     st.integers(0, 60),  # output tokens
     st.integers(0, 80),  # remaining tokens
     st.sampled_from([(0, "batch"), (10, "interactive")]),

@@ -90,7 +90,10 @@ async def test_a_replica_dying_mid_stream_is_resumed_elsewhere_without_gap_or_du
     a, b = ScriptedReplica("a", fail_after=4), ScriptedReplica("b")
     dispatcher = ScriptedDispatcher(a, b)
     stream = stream_over(dispatcher)
+    stalls = []
+    stream.on_recovered = stalls.append
     deltas = await collect(stream)
+    assert len(stalls) == 1 and stalls[0] >= 0  # the client's stall, reported once
     assert tokens_of(deltas) == TOKENS[:10]
     assert dispatcher.assigned == ["a", "b"] and dispatcher.forgotten == ["a"]
     resumed = b.seen[0]
