@@ -24,7 +24,18 @@ from actors.engines.base import (
     TokenDelta,
     UnknownRequest,
 )
+from actors.power import (
+    ActionOutcome,
+    NvmlBackend,
+    PowerBackend,
+    PowerBackendUnavailable,
+    PowerCapabilities,
+    PowerReading,
+    SimPowerBackend,
+    apply_action,
+)
 from actors.replica_spec import ReplicaSpec
+from policies.power_snapshot import PowerAction
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class ModelReplica:
         self._prefetches = itertools.count()
         self._info: ReplicaInfo | None = None
         self._starting = asyncio.Lock()
+        self._power, self._no_power = _power_backend(spec, self.engine)
 
     async def start(self) -> ReplicaInfo:
         """Start the engine once; later calls (a restarted controller re-adopting it) just say where it runs."""
@@ -137,8 +149,49 @@ class ModelReplica:
     async def resume(self) -> None:
         await self.engine.resume()
 
+    def power(self) -> tuple[PowerReading, ...]:
+        """Each of its GPUs' draw, limit and clock now; () when it has no GPU power to read.
+        Raises `PowerTelemetryError` when a GPU cannot be read (a partial answer would
+        understate the replica's draw)."""
+        if self._power is None:
+            return ()
+        return tuple(self._power.read(gpu) for gpu in self._power.gpus())
+
+    def power_capabilities(self) -> PowerCapabilities:
+        """What the power controller may do to its GPUs (read-only without the privilege)."""
+        if self._power is None:
+            return PowerCapabilities(True, False, False, self._no_power)
+        return self._power.capabilities()
+
+    def apply_power(self, action: PowerAction) -> ActionOutcome:
+        """Carry out one power action on every GPU of the replica, all or nothing."""
+        if self._power is None:
+            return ActionOutcome(action, False, f"no power controls: {self._no_power}")
+        return apply_action(self._power, self._power.gpus(), action)
+
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+        if self._power is not None:
+            self._power.close()
+
+
+def _power_backend(spec: ReplicaSpec, engine) -> tuple[PowerBackend | None, str]:
+    """The replica's power telemetry and controls, or None and why there are none: a sim
+    engine's simulated GPUs; NVML on the GPUs Ray gave this actor when the fleet's power
+    backend is "nvml"; nothing for an engine on the CPU."""
+    if spec.engine == "sim":
+        return SimPowerBackend(engine.power), ""
+    if spec.power_backend != "nvml":
+        return None, f"{spec.engine} engine without the nvml power backend (power.backend)"
+    import ray
+
+    gpus = [int(i) for i in ray.get_gpu_ids()]
+    if not gpus:
+        return None, "no GPU assigned to this replica"
+    try:
+        return NvmlBackend(gpus), ""
+    except PowerBackendUnavailable as e:
+        return None, str(e)
 
 
 def _current_node_id() -> str:

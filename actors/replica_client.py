@@ -18,8 +18,10 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.engines.base import EngineError, EngineStats, GenerationRequest, RequestSnapshot, TokenDelta
+from actors.power import ActionOutcome, PowerCapabilities, PowerReading
 from actors.replica import ModelReplica, PrefetchResult, ReplicaInfo
 from actors.replica_spec import ReplicaSpec, replica_actor_name
+from policies.power_snapshot import PowerAction
 
 
 class ReplicaUnavailable(RuntimeError):
@@ -99,6 +101,15 @@ class ReplicaClient:
 
     async def resume(self, timeout_s: float = 10.0) -> None:
         await self._call(self._handle.resume.remote(), timeout_s)
+
+    async def power(self, timeout_s: float) -> tuple[PowerReading, ...]:
+        return await self._call(self._handle.power.remote(), timeout_s)
+
+    async def power_capabilities(self, timeout_s: float = 5.0) -> PowerCapabilities:
+        return await self._call(self._handle.power_capabilities.remote(), timeout_s)
+
+    async def apply_power(self, action: PowerAction, timeout_s: float) -> ActionOutcome:
+        return await self._call(self._handle.apply_power.remote(action), timeout_s)
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         await self._call(self._handle.shutdown.remote(), timeout_s)

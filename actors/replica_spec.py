@@ -28,6 +28,9 @@ class ReplicaSpec:
     block_size: int = 16  # tokens per KV block
     max_queue: int = 256  # waiting requests accepted before refusing
     engine_args: dict[str, Any] = field(default_factory=dict)
+    # "nvml": read and cap the replica's GPUs through NVML; "sim": simulated GPUs only (a
+    # sim engine's always are; a vLLM replica then reports no power)
+    power_backend: str = "sim"
 
     @property
     def actor_name(self) -> str:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies.fleet_view import SloClass
+from policies.migration import MigrationSettings
 from policies.perfmodel import GPU_CATALOG, MODEL_PRESETS, TransformerSpec
 from policies.power import PowerBudget, PowerPolicyParams
 from policies.restart_backoff import BackoffSettings
@@ -190,6 +191,36 @@ class MigrationConfig(_Strict):
     switch_below_tokens: int = Field(default=16, ge=0)  # switch once fewer tokens than this are uncovered
     min_remaining_tokens: int = Field(default=8, ge=0)  # never move a request this close to finishing
     timeout_s: float = Field(default=120.0, gt=0)  # a migration not switched by then is aborted
+    # the policy (policies.migration): thresholds are fractions of a replica's KV capacity
+    balance_gap: float = Field(default=0.2, ge=0)  # balance while most and least loaded differ by more
+    high_load: float = Field(default=0.7, ge=0)  # a replica at or above this may give requests
+    low_load: float = Field(default=0.5, ge=0)  # a replica at or below this may take requests
+    bandwidth_window_s: float = Field(default=1.0, gt=0)  # KV bytes in flight <= budget x window
+    cooldown_s: float = Field(default=5.0, ge=0)  # after arriving on a replica, a request stays a while
+    # SLO class -> fraction of KV kept free for it; default: 10% for the highest-priority class
+    headroom: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> MigrationConfig:
+        if not self.low_load <= self.high_load:
+            raise ValueError(f"need low_load <= high_load, got {self.low_load} > {self.high_load}")
+        bad = sorted(c for c, f in (self.headroom or {}).items() if not 0 <= f < 1)
+        if bad:
+            raise ValueError(f"headroom: fractions in [0, 1), not for {bad}")
+        return self
+
+    def policy_settings(self, slo_classes: list[SloClassConfig]) -> MigrationSettings:
+        headroom = self.headroom
+        if headroom is None:
+            top = max(slo_classes, key=lambda c: c.priority)
+            headroom = {top.name: 0.1}
+        return MigrationSettings(
+            enabled=self.enabled, balance_gap=self.balance_gap, high_load=self.high_load, low_load=self.low_load,
+            max_per_replica=self.max_per_replica, max_concurrent=self.max_concurrent,
+            bandwidth_bytes_per_s=self.bandwidth_bytes_per_s, bandwidth_window_s=self.bandwidth_window_s,
+            min_remaining_tokens=self.min_remaining_tokens, cooldown_s=self.cooldown_s,
+            headroom=tuple(headroom.items()),
+        )
 
 
 class RecoveryConfig(_Strict):
@@ -356,6 +387,9 @@ class FleetConfig(_Strict):
         _unique("models", [m.name for m in self.models])
         _unique("pools", [p.name for p in self.pools])
         _unique("slo_classes", [c.name for c in self.slo_classes])
+        unknown = sorted(set(self.migration.headroom or {}) - {c.name for c in self.slo_classes})
+        if unknown:
+            raise ValueError(f"migration.headroom: unknown SLO class(es) {unknown}")
         models = {m.name: m for m in self.models}
         for i, pool in enumerate(self.pools):
             if pool.model not in models:

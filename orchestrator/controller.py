@@ -84,6 +84,7 @@ class Controller:
             ("nodes", self.nodes.update),
             ("replicas", self.replicas.update),
             ("publish", self._publish),
+            ("migrations", self._migrate),
             ("metrics", self._export_metrics),
         )
 
@@ -247,6 +248,11 @@ class Controller:
         gpus = {p.name: p.gpus_per_replica for p in self.config.pools}
         self.view = build_view(self.state, version, self.clock(), slo_classes, gpus)
         await self.routers.publish(self.view)
+
+    async def _migrate(self) -> None:
+        """Drain draining replicas, keep headroom, defragment and balance: the policy's plan, carried out."""
+        if self.view is not None:
+            self.migrations.carry_out(self.migrations.plan(self.view))
 
     async def _export_metrics(self) -> None:
         m = self.metrics

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from actors.engines.base import EngineStats
 from actors.replica_spec import ReplicaSpec
 from policies.fleet_view import ReplicaState
+from policies.power_model import UNCAPPED, GpuSetting
 
 
 class InvalidTransition(RuntimeError):
@@ -37,6 +38,7 @@ class ReplicaRecord:
     progress_mark: int = -1  # output tokens it had emitted when progress was last seen
     progress_at: float = 0.0  # when that was (or when it last had nothing to do)
     unhealthy_since: float | None = None
+    power_setting: GpuSetting = UNCAPPED  # what its GPUs run under, as the power manager last applied
 
     @property
     def replica_id(self) -> str:
@@ -94,6 +96,7 @@ class NodeObservation:
     alive: bool
     resources: tuple[tuple[str, float], ...]  # total resources, e.g. ("GPU", 8.0), ("accelerator_type:H100", 1.0)
     is_head: bool = False
+    labels: tuple[tuple[str, str], ...] = ()  # Ray node labels, e.g. ("flotilla.io/power-row", "r1")
 
     @property
     def gpu_type(self) -> str | None:

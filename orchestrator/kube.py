@@ -28,6 +28,8 @@ RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 # The in-cluster service account's namespace, as Kubernetes mounts it.
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# What the chart tells every Ray pod through the downward API (helm/flotilla, "flotilla.env").
+RAY_CLUSTER_ENV, NAMESPACE_ENV, NODE_NAME_ENV = "FLOTILLA_RAY_CLUSTER", "FLOTILLA_NAMESPACE", "FLOTILLA_NODE_NAME"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ class KubernetesApi(Protocol):
 
     def scale_worker_group(self, cluster: str, group: str, replicas: int) -> WorkerGroup:
         """Set a worker group's pod count, within its [min, max]; ValueError outside it."""
+
+
+def current_ray_cluster() -> str:
+    """The RayCluster this pod belongs to: the chart sets it from the pod's `ray.io/cluster` label."""
+    name = os.environ.get(RAY_CLUSTER_ENV)
+    if not name:
+        raise KubeError(f"{RAY_CLUSTER_ENV} is not set: this process is not in a pod of the Flotilla chart")
+    return name
 
 
 # GPU type from node labels -------------------------------------------------------------
@@ -175,7 +185,7 @@ class KubernetesClient:
     def in_cluster(cls) -> KubernetesClient:
         """From inside a pod: its service account's token and namespace."""
         config.load_incluster_config()
-        namespace = os.environ.get("FLOTILLA_NAMESPACE") or open(SERVICE_ACCOUNT_NAMESPACE).read().strip()
+        namespace = os.environ.get(NAMESPACE_ENV) or open(SERVICE_ACCOUNT_NAMESPACE).read().strip()
         return cls(client.ApiClient(), namespace)
 
     def list_nodes(self) -> list[KubeNode]:

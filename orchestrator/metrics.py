@@ -96,6 +96,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "1 while a pool's replacements wait on backoff or an open circuit breaker.", ("pool",)),
     MetricSpec("flotilla_admin_mutations_total", "counter",
                "Mutating admin API calls, by route, caller role and HTTP status.", ("route", "role", "outcome")),
+    # power, recorded by the controller's power manager every power control period
+    MetricSpec("flotilla_gpu_power_watts", "gauge", "A replica GPU's average draw, watts, as last read.",
+               ("replica", "gpu", "gpu_type", "node")),
+    MetricSpec("flotilla_gpu_power_cap_watts", "gauge",
+               "The power limit a replica GPU runs under, watts (its default limit when uncapped).",
+               ("replica", "gpu", "gpu_type", "node")),
+    MetricSpec("flotilla_power_budget_watts", "gauge",
+               "A power budget, watts, by scope (cluster, row:<name>, node:<id>).", ("scope",)),
+    MetricSpec("flotilla_power_capping_events_total", "counter",
+               "Times a power budget's capping level rose (lock: clocks locked; cap: power limits).", ("level",)),
 )
 
 METRICS_BY_NAME = {m.name: m for m in METRICS}

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from actors.engines.base import EngineError, EngineOverloaded, UnknownRequest
 from actors.replica_client import ReplicaUnavailable
 from orchestrator.config import FleetConfig
-from orchestrator.errors import Conflict, Invalid, NotFound
+from orchestrator.errors import Conflict, Invalid, NotFound, OperationError
 from orchestrator.fleet_state import FleetState, ReplicaRecord
 from orchestrator.metrics import MetricsRegistry
 from orchestrator.migration_record import AbortReason, MigrationRecord, MigrationState, PrefetchRound
-from policies.fleet_view import ReplicaState, RequestStatus
+from policies.fleet_view import FleetView, ReplicaState, RequestStatus
+from policies.migration import InFlightMigration, MigrationPlan, plan_migrations
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class MigrationManager:
             raise Conflict(f"request {request_id} is finishing ({request.remaining_tokens} tokens left)",
                            code="request_finishing")
         dest = self._target(source, target)
-        self._check_bounds(source.replica_id, dest.replica_id)
+        self._check_bounds(source.replica_id, dest.replica_id, queued=not request.running)
         record = MigrationRecord(
             migration_id=uuid.uuid4().hex[:12], request_id=request_id, source=source.replica_id,
             target=dest.replica_id, reason=reason, created_at=self.clock(), queued=not request.running,
@@ -86,16 +87,39 @@ class MigrationManager:
         return min(candidates, key=lambda r: (r.stats.kv_usage if r.stats else 0.0,
                                               r.stats.waiting if r.stats else 0, r.replica_id))
 
-    def _check_bounds(self, source: str, target: str) -> None:
+    def _check_bounds(self, source: str, target: str, queued: bool) -> None:
+        """KV copies are bounded; re-dispatching a queued request copies nothing and is not."""
+        if queued:
+            return
         cfg = self.config.migration
-        if len(self.active) >= cfg.max_concurrent:
-            raise Conflict(f"{len(self.active)} migrations already in flight (max {cfg.max_concurrent})",
+        copies = [m for m in self.active.values() if not m.queued]
+        if len(copies) >= cfg.max_concurrent:
+            raise Conflict(f"{len(copies)} migrations already in flight (max {cfg.max_concurrent})",
                            code="too_many_migrations")
         for replica in (source, target):
-            n = sum(replica in (m.source, m.target) for m in self.active.values())
+            n = sum(replica in (m.source, m.target) for m in copies)
             if n >= cfg.max_per_replica:
                 raise Conflict(f"replica {replica} already has {n} migrations (max {cfg.max_per_replica})",
                                code="too_many_migrations")
+
+    def plan(self, view: FleetView) -> MigrationPlan:
+        """What the policy would move now, given the fleet view and the migrations in flight."""
+        in_flight = [InFlightMigration(m.request_id, m.source, m.target, m.est_bytes, running=not m.queued)
+                     for m in self.active.values()]
+        kv_bytes = {m.name: m.transformer_spec().kv_bytes_per_token for m in self.config.models}
+        settings = self.config.migration.policy_settings(self.config.slo_classes)
+        return plan_migrations(view, in_flight, now=self.clock(), settings=settings, kv_bytes_per_token=kv_bytes)
+
+    def carry_out(self, plan: MigrationPlan) -> int:
+        """Start the plan's moves; one the fleet has changed under since the view is skipped."""
+        started = 0
+        for decision in plan.decisions:
+            try:
+                self.start(decision.request_id, decision.target, reason=decision.reason.value)
+                started += 1
+            except OperationError as e:
+                log.info("planned %s migration of %s skipped: %s", decision.reason.value, decision.request_id, e)
+        return started
 
     # running ----------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ def ray_node_source() -> list[NodeObservation]:
             alive=n["Alive"],
             resources=tuple(sorted((k, float(v)) for k, v in n["Resources"].items() if not k.startswith("node:"))),
             is_head="node:__internal_head__" in n["Resources"],
+            labels=tuple(sorted((n.get("Labels") or {}).items())),
         )
         for n in ray.nodes()
     ]

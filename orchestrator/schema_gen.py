@@ -45,6 +45,11 @@ class Image(_Values):
     pullSecrets: list[K8sObject] = Field(description="imagePullSecrets of every Ray pod.")
 
 
+class RayAuth(_Values):
+    mode: Literal["token", "disabled"] = Field(
+        description="KubeRay `authOptions.mode`: Ray's token auth, the token kept by KubeRay in a Secret.")
+
+
 class Head(_Values):
     resources: K8sObject = Field(description="Head container resources (the head runs no GPU replica).")
     nodeSelector: dict[str, str] = Field(description="Node selector of the head pod.")
@@ -150,6 +155,7 @@ class ChartValues(_Values):
 
     image: Image
     rayVersion: str = Field(min_length=1, description="Ray version in the image (KubeRay needs it).")
+    rayAuth: RayAuth
     fleet: FleetConfig = Field(description="The fleet: exactly a FleetConfig (orchestrator/config.py), rendered "
                                            "into the RayService's `serveConfigV2`.")
     head: Head

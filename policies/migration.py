@@ -29,9 +29,9 @@ migrating already or listed on two replicas (a handoff), inside its cooldown (`n
 arrived_at < cooldown_s`: a migrated request arrives afresh on its target, so this also
 stops one from bouncing back), or with fewer than `min_remaining_tokens` left to
 generate. KV copies (running requests) count against `max_per_replica` (as source or
-target), `max_in_flight` and the bandwidth budget, with those already in flight;
+target), `max_concurrent` and the bandwidth budget, with those already in flight;
 re-dispatching a queued request copies nothing and counts against none of them. Ties
-break by replica id, then request id.
+break by replica id, then request id. With `enabled` off, only DRAIN runs.
 
 Pure: `now` is handed in (seconds, on the engines' wall clock, like `arrived_at`).
 Units: KV blocks, bytes, seconds, fractions of a replica's KV capacity.
@@ -68,15 +68,15 @@ class MigrationReason(str, enum.Enum):
 class MigrationSettings:
     """Thresholds are virtual usage (fractions of a replica's KV capacity, see the module)."""
 
-    enabled: bool = True
+    enabled: bool = True  # False: only drains move requests (they must finish regardless)
     balance_gap: float = 0.2  # balance while most and least loaded differ by more than this
     high_load: float = 0.7  # a replica at or above this may give requests to balance
     low_load: float = 0.5  # a replica at or below this may take requests to balance
     max_per_replica: int = 2  # KV copies in flight with one replica as source or target
-    max_in_flight: int = 8  # KV copies in flight cluster-wide
+    max_concurrent: int = 8  # KV copies in flight cluster-wide
     bandwidth_bytes_per_s: float = 10e9  # cluster-wide rate the KV copies may use
     bandwidth_window_s: float = 1.0  # bytes in flight <= rate x window: each copy ends within it
-    min_remaining_tokens: int = 16  # requests closer than this to max_tokens finish in place
+    min_remaining_tokens: int = 8  # requests closer than this to max_tokens finish in place
     cooldown_s: float = 5.0  # seconds after it arrived on a replica before a request may move
     headroom: tuple[tuple[str, float], ...] = ()  # SLO class -> KV fraction kept free for it
 
@@ -86,7 +86,7 @@ class MigrationSettings:
         if not 0 <= self.low_load <= self.high_load:
             raise ValueError(f"migration thresholds need 0 <= low_load <= high_load, got "
                              f"low_load={self.low_load}, high_load={self.high_load}")
-        for name in ("balance_gap", "max_per_replica", "max_in_flight", "min_remaining_tokens", "cooldown_s"):
+        for name in ("balance_gap", "max_per_replica", "max_concurrent", "min_remaining_tokens", "cooldown_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"migration {name} must be >= 0, got {getattr(self, name)}")
         if not (self.bandwidth_bytes_per_s > 0 and self.bandwidth_window_s > 0):
@@ -131,7 +131,7 @@ class MigrationDecision:
     target: str
     reason: MigrationReason
     kv_blocks: int  # blocks to copy, in the source's block size (0: queued, a re-dispatch)
-    est_bytes: int  # KV bytes to copy
+    est_bytes: int  # KV bytes to copy: context tokens x KV bytes per token (0: queued)
     running: bool  # False: queued on the source; it is re-dispatched, nothing is copied
 
     def in_flight(self) -> InFlightMigration:
@@ -156,17 +156,18 @@ def plan_migrations(view: FleetView, in_flight: Iterable[InFlightMigration], *, 
     `TransformerSpec.kv_bytes_per_token`), for every model with running requests.
     Raises ValueError naming the problem for a malformed view or a missing model.
     """
-    if not settings.enabled:
-        return MigrationPlan((), ("migration is disabled",))
     in_flight = tuple(in_flight)
     twice = sorted(rid for rid, n in Counter(m.request_id for m in in_flight).items() if n > 1)
     if twice:
         raise ValueError(f"in_flight lists request(s) {twice} more than once")
     planner = _Planner(view, in_flight, now, settings, kv_bytes_per_token)
     planner.drain()
-    planner.priority()
-    planner.defragment()
-    planner.balance()
+    if settings.enabled:
+        planner.priority()
+        planner.defragment()
+        planner.balance()
+    else:
+        planner.notes.append("migration is disabled: only drains move requests")
     return MigrationPlan(tuple(planner.state.decisions), tuple(planner.notes))
 
 
@@ -197,8 +198,8 @@ class _Bounds:
     def saturated(self, replica_id: str) -> str | None:
         """Why no copy may start or end at `replica_id`, whatever its size (None: one may)."""
         s = self.settings
-        if self.count >= s.max_in_flight:
-            return f"{self.count} KV copies in flight cluster-wide (max_in_flight {s.max_in_flight})"
+        if self.count >= s.max_concurrent:
+            return f"{self.count} KV copies in flight cluster-wide (max_concurrent {s.max_concurrent})"
         if self.per_replica[replica_id] >= s.max_per_replica:
             return f"replica {replica_id} has {self.per_replica[replica_id]} KV copies in flight (max_per_replica)"
         return None
@@ -264,14 +265,16 @@ class _Planner:
             top, need = short
             lower = [q for q in r.requests if q.running and q.priority < top and self._hold(q) is None]
             lower.sort(key=lambda q: (q.priority, q.kv_blocks(r.block_size), q.request_id))
-            why = "no running request of lower priority may move"
+            why = "no (more) running requests of lower priority may move"
             for q in lower:
                 if need <= 0:
                     break
-                target, why = self._target(q, r.replica_id)
-                if target is not None:
-                    self._move(q, r.replica_id, target, MigrationReason.PRIORITY)
-                    need -= q.kv_blocks(r.block_size)
+                target, refusal = self._target(q, r.replica_id)
+                if target is None:
+                    why = refusal
+                    continue
+                self._move(q, r.replica_id, target, MigrationReason.PRIORITY)
+                need -= q.kv_blocks(r.block_size)
             if need > 0:
                 self.notes.append(f"priority {r.replica_id}: still {need} KV block(s) short for "
                                   f"protected requests: {why}")
@@ -407,9 +410,8 @@ class _Planner:
         return None, refusals[0] if refusals else f"no READY replica of {src.model} has room"
 
     def _est_bytes(self, q: RequestStatus, source: ReplicaSnapshot) -> int:
-        if not q.running:
-            return 0
-        return q.kv_blocks(source.block_size) * source.block_size * self.bytes_per_token[source.model]
+        """KV bytes of its context (what the pre-copy carries); none for a queued request."""
+        return (q.prompt_tokens + q.output_tokens) * self.bytes_per_token[source.model] if q.running else 0
 
     def _move(self, q: RequestStatus, source: str, target: str, reason: MigrationReason) -> None:
         src, st = self.ledger.replica(source), self.state

@@ -25,6 +25,7 @@ from actors.engines.base import (
     TokenDelta,
 )
 from actors.engines.sim_core import SimScheduler, StepResult
+from actors.power.power_state import PowerState
 from actors.tokenizers import ByteTokenizer, TextStream, Tokenizer
 from policies.perfmodel import StepTimeModel, TransformerSpec, gpu_spec
 
@@ -122,7 +123,9 @@ class SimEngine:
         self.gpu_type = gpu_type
         self.time_scale = time_scale
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.core = SimScheduler(perf, model_name, num_blocks=num_blocks, block_size=block_size,
+        # its GPUs' power setting and draw: steps are timed under the cap (same times uncapped)
+        self.power = PowerState(perf, clock=clock, time_scale=time_scale)
+        self.core = SimScheduler(self.power, model_name, num_blocks=num_blocks, block_size=block_size,
                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=max_num_batched_tokens,
                                  max_waiting=max_waiting)

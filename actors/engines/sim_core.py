@@ -526,6 +526,12 @@ class SimScheduler:
             self.idle(until_s - self.clock_s)
         return acc.progress()
 
+    def replan(self) -> None:
+        """Virtual time: drop the decode run in flight, as a change to the queue does. The
+        step in flight ends as planned; later steps are timed afresh, so a host calls this
+        when its timer's answers change (a new power setting on the replica's GPUs)."""
+        self._run = None
+
     def _start_step(self) -> None:
         self.schedule()
         self._run = self._plan_run()

@@ -204,13 +204,18 @@ def loaded(fleet, prometheus) -> Prometheus:
     rates are real. Returns once Prometheus holds it all, each series sampled 3 times."""
     client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
     for _ in range(2):
-        expected = _scraped_total(fleet.metrics_url) + _send_load(client)
-        wait_for(lambda: _scraped_total(fleet.metrics_url) >= expected, timeout_s=30, what="the controller's counts")
-        wait_for(lambda: prometheus.value("sum(flotilla_requests_total)") >= expected, timeout_s=30,
-                 what="Prometheus to scrape the load")
+        _load_round(fleet.metrics_url, client, prometheus)
     wait_for(lambda: prometheus.value("min(count_over_time(flotilla_requests_total[2m]))") >= 3, timeout_s=30,
              what="three samples of every series")
     return prometheus
+
+
+def _load_round(metrics_url: str, client: openai.OpenAI, prometheus: Prometheus) -> None:
+    expected = _scraped_total(metrics_url)
+    expected += _send_load(client)
+    wait_for(lambda: _scraped_total(metrics_url) >= expected, timeout_s=30, what="the controller's counts")
+    wait_for(lambda: prometheus.value("sum(flotilla_requests_total)") >= expected, timeout_s=30,
+             what="Prometheus to scrape the load")
 
 
 def _send_load(client: openai.OpenAI) -> int:

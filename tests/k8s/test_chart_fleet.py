@@ -159,3 +159,10 @@ def test_autoscaler_off_leaves_scaling_to_flotilla():
 ])
 def test_bad_values_are_refused_with_the_field_named(flags, message):
     assert message in render_error(DEFAULTS, *flags)
+
+
+def test_ray_token_auth_is_left_to_kuberay():
+    assert cluster(render(DEFAULTS))["authOptions"] == {"mode": "token"}
+    assert cluster(render(DEFAULTS, "--set", "rayAuth.mode=disabled"))["authOptions"] == {"mode": "disabled"}
+    assert "at '/rayAuth/mode': value must be one of 'token', 'disabled'" in render_error(
+        DEFAULTS, "--set", "rayAuth.mode=open")

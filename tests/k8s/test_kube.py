@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.kube import FakeKubernetes, KubeError, KubernetesClient, NotFound, gpu_type_from_labels
+from orchestrator.kube import (
+    RAY_CLUSTER_ENV,
+    FakeKubernetes,
+    KubeError,
+    KubernetesClient,
+    NotFound,
+    current_ray_cluster,
+    gpu_type_from_labels,
+)
 from tests.k8s.fake_apiserver import FakeApiServer
 
 NAMESPACE = "llm"
@@ -113,3 +121,11 @@ def test_a_group_list_that_moved_meanwhile_fails_the_patch_instead_of_scaling_an
 ])
 def test_gpu_type_from_labels(labels, gpu_type):
     assert gpu_type_from_labels(labels) == gpu_type
+
+
+def test_the_pod_knows_its_ray_cluster(monkeypatch):
+    monkeypatch.setenv(RAY_CLUSTER_ENV, RC)
+    assert current_ray_cluster() == RC
+    monkeypatch.delenv(RAY_CLUSTER_ENV)
+    with pytest.raises(KubeError, match="FLOTILLA_RAY_CLUSTER is not set"):
+        current_ray_cluster()

@@ -4,7 +4,15 @@ calls in PERMISSIONS, and the rendered Roles grant exactly PERMISSIONS."""
 
 from __future__ import annotations
 
-from orchestrator.kube import PERMISSIONS, KubernetesApi, KubernetesClient, Permission
+from orchestrator.kube import (
+    NAMESPACE_ENV,
+    NODE_NAME_ENV,
+    PERMISSIONS,
+    RAY_CLUSTER_ENV,
+    KubernetesApi,
+    KubernetesClient,
+    Permission,
+)
 from tests.k8s.conftest import DEFAULTS, of_kind, one, render
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.test_kube import CLUSTER, NAMESPACE, NODES, RC
@@ -61,3 +69,13 @@ def test_rbac_can_be_left_to_the_operator():
     assert not {"ServiceAccount", "ClusterRole", "Role"} & {o["kind"] for o in objects}
     head = one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert head["serviceAccountName"] == "platform-sa"
+
+
+def test_every_ray_pod_is_told_its_cluster_namespace_and_node():
+    cluster = one(render(DEFAULTS), "RayService")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    wanted = {RAY_CLUSTER_ENV: "metadata.labels['ray.io/cluster']", NAMESPACE_ENV: "metadata.namespace",
+              NODE_NAME_ENV: "spec.nodeName"}
+    for pod in pods:
+        env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in pod["spec"]["containers"][0]["env"]}
+        assert env.items() >= wanted.items()

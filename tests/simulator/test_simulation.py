@@ -134,7 +134,8 @@ def test_every_routing_policy_serves_the_workload(routing):
     result, summary = run(scenario(workload=workload, **({"routing": routing} if routing else {})))
     assert summary["requests"]["completed"] == summary["requests"]["total"] > 200
     used = set(result.records.labelled("replica"))
-    assert len(used) == 4  # every policy spreads this load over all replicas
+    if routing is not None and ("round_robin" in routing["weights"] or "random" in routing["weights"]):
+        assert len(used) == 4  # blind to speed: the A40s get their share
     if routing is None or "prefix" in routing["weights"]:
         assert summary["prefix_cache_hit"] > 0.3
 
@@ -146,17 +147,19 @@ def test_round_robin_takes_turns_over_the_replicas():
     assert all(replicas[i] != replicas[i + 1] for i in range(len(replicas) - 1))
 
 
-def test_a_full_fleet_rejects_after_the_admission_timeout_and_too_long_at_once():
-    fleet = {"models": [{"name": "m", "arch": "llama-2-7b", "max_model_len": 4096}],
+def test_a_full_fleet_rejects_after_the_admission_timeout():
+    fleet = {"models": [{"name": "m", "arch": "llama-2-7b", "max_model_len": 1024}],
              "pools": [{"name": "l4", "gpu_type": "L4", "model": "m", "replicas": 1, "max_queue": 2,
                         "engine_args": {"max_num_seqs": 2, "kv_scale": 0.1}}],
              "server": {"admission_timeout_s": 0.5}}
-    workload = {"synthetic": {"rate": 40, "duration_s": 3, "prompt": {"median": 200, "sigma": 0.1, "max": 4000},
+    workload = {"synthetic": {"rate": 40, "duration_s": 3, "prompt": {"median": 200, "sigma": 0.1, "max": 800},
                               "output": {"median": 200, "sigma": 0.1, "max": 300}}}
     result, summary = run(scenario(fleet=fleet, workload=workload))
     assert summary["requests"]["rejected"] > 0 and summary["requests"]["completed"] > 0
     rejected = result.records.labelled("status") == "rejected"
     assert np.isnan(result.records.column("ttft_s")[rejected]).all()
+    waited = result.records.column("e2e_s")  # NaN for rejected ones: they never ran
+    assert np.isnan(waited[rejected]).all()
 
 
 def test_flotilla_simulate_writes_records_summary_and_plots(tmp_path, capsys):

@@ -143,3 +143,30 @@ async def test_without_a_target_the_least_loaded_ready_replica_of_the_model_is_c
     view = controller.migrate_request("q7")
     assert view.target == idle.replica_id
     await until_ended(controller)
+
+
+async def test_draining_a_replica_moves_its_requests_off_by_migration(fleet):
+    controller, replicas = fleet
+    source, *_ = h100(replicas)
+    put_request(source, "d1")
+    put_request(source, "d2", output=0, running=False)
+    source.running = 1
+    await controller.step()
+    controller.drain_replica(source.replica_id, replace=False)
+    await controller.step()  # the policy plans DRAIN moves for both
+    await until_ended(controller)
+    assert sorted(r for r, _ in source.handed_off) == ["d1", "d2"]
+    assert {m.reason for m in controller.recent_migrations()} == {"drain"}
+    source.running = 0
+    await settle(controller)
+    assert controller.state.get(source.replica_id).state.value == "stopped"  # empty, so stopped
+
+
+async def test_the_balance_rule_moves_load_from_a_full_replica(fleet):
+    controller, replicas = fleet
+    full, *_ = h100(replicas)
+    for i in range(9):  # 9 requests x 7 blocks of 100: usage 0.63 + 0.1 headroom
+        full.requests += (RequestStatus(f"b{i}", 0, "interactive", 100, 10, 500, True, 0.0),)
+    await settle(controller, ticks=3)
+    await until_ended(controller)
+    assert any(m.reason == "balance" and m.source == full.replica_id for m in controller.recent_migrations())

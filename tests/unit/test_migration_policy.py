@@ -150,7 +150,7 @@ def test_priority_moves_the_lowest_priority_first_and_never_equal_or_higher():
 @pytest.mark.parametrize("fleet, note", [
     (view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"), filler("f", 95, priority=10,
                                                                                        slo="interactive")),
-          rep("t")), "priority r: still 15 KV block(s) short for protected requests: no running request"),
+          rep("t")), "priority r: still 15 KV block(s) short for protected requests: no (more) running requests"),
     (view(rep("r", req("b", 40), req("i", 10, running=False, priority=10, slo="interactive"), used=95),
           rep("t", filler("ft", 70))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
 ])
@@ -243,7 +243,7 @@ def test_balance_ties_go_to_the_lower_replica_id_on_both_sides():
 
 def test_balance_ties_between_equal_requests_go_to_the_lower_request_id():
     fleet = view(rep("a", req("z", 5), req("y", 5), filler("f", 80)), rep("b"))
-    assert moves(plan(fleet, max_in_flight=1)) == [("y", "a", "b")]
+    assert moves(plan(fleet, max_concurrent=1)) == [("y", "a", "b")]
 
 
 # --- bounds --------------------------------------------------------------------------
@@ -264,11 +264,11 @@ def test_copies_in_flight_count_against_the_bounds():
     assert moves(plan(fleet, into_a, max_per_replica=1)) == [("r0", "d", "b")]
 
 
-def test_at_most_max_in_flight_copies_cluster_wide():
+def test_at_most_max_concurrent_copies_cluster_wide():
     fleet = view(rep("d1", req("r1", 2), req("r2", 2), state=DRAINING),
                  rep("d2", req("r3", 2), req("r4", 2), state=DRAINING), rep("a"), rep("b"))
     in_flight = [InFlightMigration("gone", "x", "y", BLOCK_BYTES)]
-    assert len(plan(fleet, in_flight, max_in_flight=3, max_per_replica=5).decisions) == 2
+    assert len(plan(fleet, in_flight, max_concurrent=3, max_per_replica=5).decisions) == 2
 
 
 def test_the_bandwidth_budget_counts_bytes_in_flight():
@@ -282,13 +282,13 @@ def test_the_bandwidth_budget_counts_bytes_in_flight():
 
 def test_balance_says_when_the_bounds_stop_it():
     fleet = view(rep("a", req("a1", 5), filler("f", 85)), rep("b"))
-    p = plan(fleet, max_in_flight=0)
-    assert p.decisions == () and p.notes == ("balance m: 0 KV copies in flight cluster-wide (max_in_flight 0)",)
+    p = plan(fleet, max_concurrent=0)
+    assert p.decisions == () and p.notes == ("balance m: 0 KV copies in flight cluster-wide (max_concurrent 0)",)
 
 
 def test_queued_requests_are_re_dispatched_whatever_the_copy_bounds():
     fleet = view(rep("d", req("q", 2, running=False), req("r", 2), state=DRAINING), rep("a"))
-    assert moves(plan(fleet, max_in_flight=0)) == [("q", "d", "a")]
+    assert moves(plan(fleet, max_concurrent=0)) == [("q", "d", "a")]
 
 
 def test_queued_requests_need_a_queue_slot_on_the_target():
@@ -320,9 +320,12 @@ def test_cooldown_and_about_to_finish_hold_requests_in_place():
         ("ending", "a", "b"), ("fresh", "a", "b")]
 
 
-def test_disabled_plans_nothing():
-    fleet = view(rep("d", req("r", 2), state=DRAINING), rep("a"))
-    assert plan(fleet, enabled=False) == MigrationPlan((), ("migration is disabled",))
+def test_disabled_the_policy_only_drains():
+    fleet = view(rep("d", req("r", 2), state=DRAINING), rep("a", req("a1", 5), filler("f", 85)), rep("b"))
+    p = plan(fleet, enabled=False)
+    assert moves(p) == [("r", "d", "b")]
+    assert p.notes == ("migration is disabled: only drains move requests",)
+    assert moves(plan(fleet)) == [("r", "d", "b"), ("a1", "a", "b")]
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -377,7 +380,7 @@ _replicas = st.lists(st.tuples(
 ), min_size=1, max_size=6)
 _settings = st.builds(
     lambda loads, gap, per, total, rate, remaining, cooldown, room: MigrationSettings(
-        balance_gap=gap, low_load=min(loads), high_load=max(loads), max_per_replica=per, max_in_flight=total,
+        balance_gap=gap, low_load=min(loads), high_load=max(loads), max_per_replica=per, max_concurrent=total,
         bandwidth_bytes_per_s=rate, min_remaining_tokens=remaining, cooldown_s=cooldown,
         headroom={"interactive": room}),
     st.tuples(st.floats(0, 1.2), st.floats(0, 1.2)), st.floats(0, 0.5), st.integers(0, 3), st.integers(0, 5),
@@ -420,11 +423,12 @@ def test_no_plan_breaks_a_rule(replicas, s, moving, seed):
         assert request.remaining_tokens >= s.min_remaining_tokens and NOW - request.arrived_at >= s.cooldown_s
         assert d.running == request.running
         assert d.kv_blocks == (request.kv_blocks(src.block_size) if d.running else 0)
-        assert d.est_bytes == d.kv_blocks * src.block_size * BYTES_PER_TOKEN[src.model]
+        tokens = request.prompt_tokens + request.output_tokens
+        assert d.est_bytes == (tokens * BYTES_PER_TOKEN[src.model] if d.running else 0)
 
     copies = [(m.source, m.target, m.est_bytes) for m in in_flight if m.running]
     planned = [(d.source, d.target, d.est_bytes) for d in p.decisions if d.running]
-    assert len(planned) <= max(0, s.max_in_flight - len(copies))
+    assert len(planned) <= max(0, s.max_concurrent - len(copies))
     assert sum(b for *_, b in planned) <= max(0, s.bandwidth_bytes - sum(b for *_, b in copies))
     before, new = Counter(), Counter()
     for src, tgt, _ in copies:
