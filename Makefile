@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model run test test-fast bench clean
+.PHONY: install model run test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,8 @@ model: install
 run: model
 	$(BIN)/flotilla up --config examples/local.yaml
 
-test: model
+# helm and prometheus for the chart and dashboard tests (tools.mk)
+test: model tools
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # policies and other pure parts only: seconds, no Ray, no vLLM
@@ -34,4 +35,6 @@ test-fast: install
 	$(BIN)/pytest -q tests/unit
 
 clean:
-	rm -rf $(VENV) .flotilla bench/results
+	rm -rf $(VENV) .flotilla .tools bench/results
+
+include tools.mk

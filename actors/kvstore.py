@@ -233,13 +233,13 @@ class KVCacheStore:
         return entry
 
     def reown(self, hashes: list[int]) -> Found:
-        """Refs the store owns for `hashes` whose writer's object was lost (the writer
-        died); blocks not held are left out."""
+        """Refs the store owns for the leading `hashes` whose writer's objects were lost
+        (the writer died); stops at the first block not held in memory."""
         found: Found = []
         for key in hashes:
             entry = self._entries.get(key)
             if entry is None:
-                continue
+                break
             if not entry.owned:
                 entry.ref, entry.owned = ray.put(entry.view), True
                 self._counts["reowned"] += 1

@@ -23,6 +23,10 @@ class BlockRefused(ValueError):
     """A block that does not match what it claims or what the reader expects."""
 
 
+class BlockCorrupt(BlockRefused):
+    """A block whose bytes do not hash to its checksum: it must be dropped, not kept."""
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """What the blocks of one engine look like: refused unless they match exactly."""
@@ -85,5 +89,5 @@ def verify(meta: BlockMeta, data: object, expected: BlockLayout, verify_checksum
         raise BlockRefused(f"{what}: stored as {meta.layout}, the reader expects {expected}")
     check_matches(data, expected, what)  # type: ignore[arg-type]
     if verify_checksum and meta.checksum is not None and checksum(data) != meta.checksum:  # type: ignore[arg-type]
-        raise BlockRefused(f"{what}: checksum mismatch (corrupt bytes)")
+        raise BlockCorrupt(f"{what}: checksum mismatch (corrupt bytes)")
     return data  # type: ignore[return-value]

@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.kvstore import KVCacheStore, PutResult, StoreReport, StoreSettings
-from actors.kvstore_block import BlockLayout, BlockMeta, BlockRefused, describe, verify
+from actors.kvstore_block import BlockCorrupt, BlockLayout, BlockMeta, BlockRefused, describe, verify
 
 STORE_PREFIX = "kvstore:"
 
@@ -162,14 +162,14 @@ class KVStoreClient:
         found = self._get(self._handle.lookup.remote(layout.model_id, list(hashes)), timeout_s)
         if not found:
             return Fetched((), time.perf_counter() - began)
-        arrays, why = self._read(found, timeout_s)
+        metas, arrays, why = self._read(found, timeout_s)
         blocks: list[np.ndarray] = []
-        for (meta, _), data in zip(found, arrays):
+        for meta, data in zip(metas, arrays):
             try:
                 blocks.append(verify(meta, data, layout, verify_checksum))
             except BlockRefused as e:
                 why = str(e)
-                if "checksum" in why:
+                if isinstance(e, BlockCorrupt):  # another layout is not this reader's; corrupt is nobody's
                     self._handle.drop.remote([meta.block_hash])
                 break
         seconds = time.perf_counter() - began
@@ -177,23 +177,21 @@ class KVStoreClient:
             self._handle.note_load.remote(sum(b.nbytes for b in blocks), seconds)
         return Fetched(tuple(blocks), seconds, why if len(blocks) < len(hashes) else None)
 
-    def _read(self, found: list[tuple[BlockMeta, list]], timeout_s: float) -> tuple[list, str | None]:
-        """The arrays of `found`, re-owning once if a writer's objects are lost; a short
-        list (with why) when some cannot be read."""
-        refs = [r[0] for _, r in found]
+    def _read(self, found: list[tuple[BlockMeta, list]],
+              timeout_s: float) -> tuple[list[BlockMeta], list, str | None]:
+        """The metas and arrays of `found`, re-owning them once if their writer's objects
+        are lost; empty lists (and why) when they cannot be read."""
         try:
-            return ray.get(refs, timeout=timeout_s), None
+            return [m for m, _ in found], ray.get([r[0] for _, r in found], timeout=timeout_s), None
         except ObjectLostError:
-            reowned = self._get(self._handle.reown.remote([m.block_hash for m, _ in found]), timeout_s)
+            found = self._get(self._handle.reown.remote([m.block_hash for m, _ in found]), timeout_s)
         except GetTimeoutError:
-            return [], f"blocks not read within {timeout_s:g}s"
-        if len(reowned) < len(found):
-            found[:] = found[: len(reowned)]
+            return [], [], f"blocks not read within {timeout_s:g}s"
         try:
-            return ray.get([r[0] for _, r in reowned], timeout=timeout_s), None
+            return [m for m, _ in found], ray.get([r[0] for _, r in found], timeout=timeout_s), None
         except (ObjectLostError, GetTimeoutError) as e:
             self._handle.drop.remote([m.block_hash for m, _ in found])
-            return [], f"blocks lost: {type(e).__name__}"
+            return [], [], f"blocks lost: {type(e).__name__}"
 
     def _get(self, ref: Any, timeout_s: float) -> Any:
         try:

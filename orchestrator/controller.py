@@ -9,16 +9,18 @@ are methods that change the target; the next tick carries them out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from orchestrator.autoscaler import ResourceRequester
 from orchestrator.config import FleetConfig
 from orchestrator.durable_state import ControllerMemory, DurableState
 from orchestrator.errors import Invalid, NotFound
 from orchestrator.fault_log import FaultLog
-from orchestrator.fleet_state import FleetState, NodeRecord, ReplicaRecord
+from orchestrator.fleet_state import FleetState, NodeObservation, NodeRecord, ReplicaRecord
 from orchestrator.fleet_status import (
     FaultView,
     FleetStatus,
@@ -32,9 +34,12 @@ from orchestrator.metrics import MetricsRegistry
 from orchestrator.migration_manager import MigrationManager
 from orchestrator.migration_record import MigrationRecord
 from orchestrator.node_manager import NodeManager, NodeSource
+from orchestrator.placement_manager import PlacementManager
+from orchestrator.power_manager import PowerManager
 from orchestrator.replica_manager import Attacher, Launcher, ReplicaManager
 from orchestrator.router_manager import RouterLauncher, RouterManager
 from orchestrator.settings_patch import apply_patch, merge_patch
+from orchestrator.store_manager import KVStoreStatus, StoreLauncher, StoreManager
 from orchestrator.view_builder import build_view
 from policies.fleet_view import FleetView, ReplicaState
 
@@ -62,6 +67,8 @@ class Controller:
         durable: DurableState | None = None,
         attacher: Attacher | None = None,
         discover: Callable[[], list[str]] = list,
+        autoscaler: ResourceRequester | None = None,  # None: no cluster autoscaler to ask for nodes
+        store_launcher: StoreLauncher | None = None,  # None: no KV-cache stores, whatever the config
     ):
         self.config = config
         self.clock = clock
@@ -72,17 +79,25 @@ class Controller:
         self.settings_patch: dict[str, Any] = {}  # every runtime change so far, merged
         self._restored = False
         self._remembered: ControllerMemory | None = None
-        self.faults = FaultLog(self.metrics, clock)
-        self.replicas = ReplicaManager(config, self.state, launcher, clock, attacher, self.faults)
+        self.faults = FaultLog(self.metrics, clock, store=durable.store if durable else None)
+        self.stores = StoreManager(config, self.state, store_launcher, self.metrics, clock)
+        self.replicas = ReplicaManager(config, self.state, self.stores.replica_launcher(launcher), clock, attacher,
+                                       self.faults)
         self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
         self.routers = RouterManager(config, router_launcher, self.faults)
         self.migrations = MigrationManager(config, self.state, lambda rid: self.replicas.handles[rid],
                                            self.metrics, clock)
+        self.power = PowerManager(config, self.state, self.replicas.handles.get, self.metrics, clock,
+                                  durable.store if durable else None)
+        self.placement = PlacementManager(config, self.state, self.replicas, self.metrics, clock, autoscaler)
         self.view: FleetView | None = None
         self._exported: dict[str, tuple[str, ...]] = {}  # replica id -> labels of its gauge series
         self._managers: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("nodes", self.nodes.update),
+            ("stores", self.stores.update),  # after the nodes (one store each), before publishing (the index)
             ("replicas", self.replicas.update),
+            ("power", self.power.update),  # after the poll (priorities), before publishing (speeds)
+            ("placement", self.placement.update),  # after the poll (readiness), before publishing (drains)
             ("publish", self._publish),
             ("migrations", self._migrate),
             ("metrics", self._export_metrics),
@@ -114,20 +129,27 @@ class Controller:
             log.exception("could not read the controller's durable state; starting from the config")
             memory = None
         if memory is not None:
+            self.faults.restore()
             self.faults.report("controller", "controller", "restarted",
                                f"re-adopting {len(memory.replicas)} replicas from the durable state")
             self.faults.recovered("controller", "controller")
             if memory.settings_patch:
-                self.update_settings(memory.settings_patch)
+                self._apply_settings(memory.settings_patch)
             for pool, n in memory.desired.items():
                 cfg = self.config.pool(pool)
                 if cfg is not None:
                     self.replicas.desired[pool] = min(max(n, cfg.min_replicas), cfg.max_replicas)
             self.state.cordoned.update(memory.cordoned)
+            for node_id in memory.nodes:  # as the former controller last saw them: alive
+                self.state.nodes[node_id] = NodeRecord(NodeObservation(node_id, "", True, ()), self.clock())
         known = set(memory.replicas) if memory else set()
         adopted = [r for r in sorted(known | set(self.discover())) if self.replicas.adopt(r) is not None]
         if adopted:
             log.info("re-adopted %d replicas of a former controller: %s", len(adopted), ", ".join(adopted))
+
+    def _persist(self) -> None:
+        if self._restored:  # before its first tick, the memory is still the former controller's
+            self._remember()
 
     def _remember(self) -> None:
         """Write the intent that must survive a restart, when it changed."""
@@ -138,6 +160,7 @@ class Controller:
             cordoned=sorted(self.state.cordoned),
             settings_patch=self.settings_patch,
             replicas={r.replica_id: r.pool for r in self.state.live()},
+            nodes=sorted(n.node_id for n in self.state.nodes.values() if n.alive),
         )
         if memory != self._remembered:
             self.durable.save(memory)
@@ -145,17 +168,27 @@ class Controller:
 
     # operator actions -----------------------------------------------------------------
 
+    # Each action that changes the intent keeps it at once (`_persist`), not at the end of the
+    # tick: a controller dying in between would come back without the operator's change.
+
     def drain_replica(self, replica_id: str, replace: bool = True) -> ReplicaStatus:
-        return self._replica_status(self.replicas.drain(replica_id, replace))
+        record = self.replicas.drain(replica_id, replace)
+        self._persist()
+        return self._replica_status(record)
 
     def cordon_node(self, node_id: str, drain: bool = False) -> NodeStatus:
-        return self._node_status(self.nodes.cordon(node_id, drain))
+        node = self.nodes.cordon(node_id, drain)
+        self._persist()
+        return self._node_status(node)
 
     def uncordon_node(self, node_id: str) -> NodeStatus:
-        return self._node_status(self.nodes.uncordon(node_id))
+        node = self.nodes.uncordon(node_id)
+        self._persist()
+        return self._node_status(node)
 
     def scale_pool(self, pool: str, replicas: int) -> PoolStatus:
         self.replicas.set_desired(pool, replicas)
+        self._persist()
         return next(p for p in self.status().pools if p.name == pool)
 
     def migrate_request(self, request_id: str, target: str | None = None) -> MigrationView:
@@ -190,16 +223,25 @@ class Controller:
         raise Invalid(f"unknown fault kind {kind!r}", code="unknown_fault")
 
     def update_settings(self, patch: Mapping[str, Any]) -> FleetConfig:
-        """Apply a runtime settings patch (see `orchestrator.settings_patch`)."""
+        """Apply a runtime settings patch (see `orchestrator.settings_patch`) and keep it."""
+        config = self._apply_settings(patch)
+        self._persist()
+        return config
+
+    def _apply_settings(self, patch: Mapping[str, Any]) -> FleetConfig:
         if not patch:
             return self.config
         self.config = apply_patch(self.config, patch)
         self.settings_patch = merge_patch(self.settings_patch, patch)
-        self.replicas.config = self.migrations.config = self.config
+        self.replicas.config = self.migrations.config = self.placement.config = self.config
         self.routers.reconfigure(self.config)
         return self.config
 
     # observation ----------------------------------------------------------------------
+
+    def kv_stores(self) -> tuple[KVStoreStatus, ...]:
+        """Every node's KV-cache store, as of its last report."""
+        return self.stores.status()
 
     def in_flight(self) -> tuple[InFlightRequest, ...]:
         """Every request the replicas hold, as of their last report."""
@@ -246,7 +288,9 @@ class Controller:
         version = self.view.version + 1 if self.view else 1
         slo_classes = tuple(c.to_policy() for c in self.config.slo_classes)
         gpus = {p.name: p.gpus_per_replica for p in self.config.pools}
-        self.view = build_view(self.state, version, self.clock(), slo_classes, gpus)
+        self.view = dataclasses.replace(build_view(self.state, version, self.clock(), slo_classes, gpus),
+                                        stores=self.stores.snapshots(),
+                                        store_hit_weight=self.config.kv_store.store_hit_weight)
         await self.routers.publish(self.view)
 
     async def _migrate(self) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from orchestrator.autoscaler import ray_resource_requester
 from orchestrator.config import FleetConfig, parse_config
 from orchestrator.controller import Controller
 from orchestrator.durable_state import DurableState, GcsKeyValue
@@ -26,8 +27,13 @@ from orchestrator.fleet_status import (
 from orchestrator.idempotency import IdempotencyStore
 from orchestrator.metrics import MetricsRegistry, Observation
 from orchestrator.node_manager import NodeSource, ray_node_source
+from orchestrator.placement_manager import workload_override
+from orchestrator.placement_status import PlacementReport
+from orchestrator.power_status import BudgetStatus, PowerCapStatus, PowerStatus
 from orchestrator.replica_manager import Launcher, ray_attacher, ray_launcher, ray_replica_discovery
+from orchestrator.request_log import FinishedRequest
 from orchestrator.router_manager import RouterLauncher, ray_router_launcher
+from orchestrator.store_manager import KVStoreStatus, ray_store_launcher
 from policies.fleet_view import FleetView
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ class ControllerActor:
             durable=durable or DurableState(GcsKeyValue(namespace), on_error=self._durable_write_failed),
             attacher=ray_attacher(namespace) if launcher is None else None,
             discover=ray_replica_discovery(namespace) if launcher is None else list,
+            autoscaler=ray_resource_requester() if launcher is None else None,
+            store_launcher=ray_store_launcher(namespace) if launcher is None else None,
         )
         self.idempotency = IdempotencyStore(self.config.admin.idempotency_ttl_s, time.time)
         self._loop: asyncio.Task | None = None
@@ -65,6 +73,11 @@ class ControllerActor:
             except OSError as e:  # the fleet still serves; the operator sees why metrics are missing
                 self.metrics_error = f"cannot serve metrics on port {port}: {e}"
                 log.error(self.metrics_error)
+        if launcher is None:
+            # On Ray, a restarted controller is rebuilt from this constructor alone and nobody
+            # calls start() again, so the loop starts here (Ray runs an async actor's
+            # constructor inside its event loop).
+            self._loop = asyncio.get_running_loop().create_task(self._run())
 
     @staticmethod
     def _durable_write_failed(error: Exception) -> None:
@@ -92,6 +105,9 @@ class ControllerActor:
 
     def in_flight(self) -> tuple[InFlightRequest, ...]:
         return self.controller.in_flight()
+
+    def kv_stores(self) -> tuple[KVStoreStatus, ...]:
+        return self.controller.kv_stores()
 
     def current_config(self) -> FleetConfig:
         """The config as it runs now, runtime changes included (`self.config` is the one it started with)."""
@@ -132,11 +148,42 @@ class ControllerActor:
         return self.idempotency.run(key, f"settings {sorted(patch.items())!r}",
                                     lambda: self.controller.update_settings(patch))
 
+    def power(self) -> PowerStatus:
+        return self.controller.power.status()
+
+    def power_budget(self) -> tuple[BudgetStatus, ...]:
+        return self.controller.power.budget_status()
+
+    def set_power_budget(self, kind: str, name: str, watts: float, key: str | None) -> BudgetStatus:
+        return self.idempotency.run(key, f"power budget {kind}:{name} {watts:g}",
+                                    lambda: self.controller.power.set_budget(kind, name, watts))
+
+    def set_power_cap(self, replica_id: str, watts: float | None, key: str | None) -> PowerCapStatus:
+        """Pin a replica's GPUs to `watts` each; None unpins."""
+        return self.idempotency.run(key, f"power cap {replica_id} {watts}",
+                                    lambda: self.controller.power.pin(replica_id, watts))
+
+    async def placement_plan(self, rate_scale: float, rates: tuple[tuple[str, int, int, float], ...]
+                             ) -> PlacementReport:
+        """A dry run: the plan for the observed workload (or a what-if one: `rates` of
+        (model, prompt tokens, output tokens, req/s), all times `rate_scale`)."""
+        return await self.controller.placement.dry_run(workload_override(rate_scale, rates))
+
+    async def apply_placement(self, rate_scale: float, key: str | None) -> PlacementReport:
+        """Move the fleet to the plan now (dwell and hysteresis skipped)."""
+        return await self.idempotency.run_async(
+            key, f"placement apply rate_scale={rate_scale:g}",
+            lambda: self.controller.placement.apply(workload_override(rate_scale)))
+
     def router_ids(self) -> list[str]:
         return list(self.controller.routers.agent_ids)
 
     def record_metrics(self, observations: Iterable[Observation]) -> int:
         return self.metrics.apply(observations)
+
+    def record_requests(self, records: Iterable[FinishedRequest]) -> None:
+        """Finished requests an ingress shipped, for placement's workload window."""
+        self.controller.placement.record(records)
 
     async def shutdown_fleet(self) -> None:
         if self._loop is not None:
@@ -146,7 +193,8 @@ class ControllerActor:
             handle.kill()
 
     async def _run(self) -> None:
-        period = self.config.controller.control_period_s
+        # the tick honours the power period too (the power manager acts at most once per its own)
+        period = min(self.config.controller.control_period_s, self.config.power.control_period_s)
         while True:
             await self.controller.step()
             if self.controller.replicas.ready() and self.controller.view is not None:

@@ -22,6 +22,10 @@ from orchestrator.fleet_status import (
     ReplicaStatus,
 )
 from orchestrator.metrics import Observation
+from orchestrator.placement_status import PlacementReport
+from orchestrator.power_status import BudgetStatus, PowerCapStatus, PowerStatus
+from orchestrator.request_log import FinishedRequest
+from orchestrator.store_manager import KVStoreStatus
 from policies.fleet_view import FleetView
 
 CONTROLLER_NAME = "controller"
@@ -76,6 +80,9 @@ class ControllerClient:
     async def in_flight(self, timeout_s: float = 5.0) -> tuple[InFlightRequest, ...]:
         return await self._call(self._handle.in_flight.remote(), timeout_s)
 
+    async def kv_stores(self, timeout_s: float = 5.0) -> tuple[KVStoreStatus, ...]:
+        return await self._call(self._handle.kv_stores.remote(), timeout_s)
+
     async def config(self, timeout_s: float = 5.0) -> FleetConfig:
         return await self._call(self._handle.current_config.remote(), timeout_s)
 
@@ -106,6 +113,26 @@ class ControllerClient:
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return await self._call(self._handle.update_settings.remote(patch, key), 10.0)
 
+    async def power(self, timeout_s: float = 5.0) -> PowerStatus:
+        return await self._call(self._handle.power.remote(), timeout_s)
+
+    async def power_budget(self, timeout_s: float = 5.0) -> tuple[BudgetStatus, ...]:
+        return await self._call(self._handle.power_budget.remote(), timeout_s)
+
+    async def set_power_budget(self, kind: str, name: str, watts: float, key: str | None = None) -> BudgetStatus:
+        return await self._call(self._handle.set_power_budget.remote(kind, name, watts, key), 10.0)
+
+    async def set_power_cap(self, replica_id: str, watts: float | None, key: str | None = None) -> PowerCapStatus:
+        return await self._call(self._handle.set_power_cap.remote(replica_id, watts, key), 10.0)
+
+    async def placement_plan(self, rate_scale: float = 1.0, rates: tuple[tuple[str, int, int, float], ...] = (),
+                             timeout_s: float = 60.0) -> PlacementReport:
+        """A dry run of the placement (the solver may take up to `placement.solver_time_limit_s`)."""
+        return await self._call(self._handle.placement_plan.remote(rate_scale, tuple(rates)), timeout_s)
+
+    async def apply_placement(self, rate_scale: float = 1.0, key: str | None = None) -> PlacementReport:
+        return await self._call(self._handle.apply_placement.remote(rate_scale, key), 60.0)
+
     async def router_ids(self, timeout_s: float = 5.0) -> list[str]:
         return await self._call(self._handle.router_ids.remote(), timeout_s)
 
@@ -115,6 +142,10 @@ class ControllerClient:
     def send_metrics(self, observations: Iterable[Observation]) -> None:
         """Fire and forget: losing one batch of observations costs accuracy, not availability."""
         self._handle.record_metrics.remote(tuple(observations))
+
+    def send_requests(self, records: Iterable[FinishedRequest]) -> None:
+        """Fire and forget, like the metrics: a lost batch costs the plan accuracy, not availability."""
+        self._handle.record_requests.remote(tuple(records))
 
     def kill(self) -> None:
         try:

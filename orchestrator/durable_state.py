@@ -53,12 +53,14 @@ class MemoryKeyValue:
 
 @dataclass
 class ControllerMemory:
-    """The controller's durable intent. `replicas` maps a replica id to its pool."""
+    """The controller's durable intent. `replicas` maps a replica id to its pool; `nodes` lists
+    the nodes alive as last seen, so that one dying while no controller watches is still a fault."""
 
     desired: dict[str, int] = field(default_factory=dict)
     cordoned: list[str] = field(default_factory=list)
     settings_patch: dict[str, Any] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
 
 
 class DurableState:

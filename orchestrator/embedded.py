@@ -54,7 +54,8 @@ def start(config: FleetConfig, *, progress: Callable[[str], None] = print, ready
             res = head_resources(config)
             progress(f"starting a local Ray head: {res.num_cpus} CPUs, {res.num_gpus} simulated GPUs, "
                      f"{', '.join(res.resources) or 'no GPU types'}")
-            ray.init(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources,
+            # address="local": a head of our own, even when another Ray runs on this machine
+            ray.init(address="local", num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources,
                      namespace=config.namespace, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
     serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)

@@ -37,6 +37,7 @@ from orchestrator.controller_client import ControllerClient, ControllerUnavailab
 from orchestrator.dispatcher import Dispatcher, NoCapacity
 from orchestrator.metrics import ObservationBuffer
 from orchestrator.openai_protocol import parse_body
+from orchestrator.request_log import FinishedRequest, RequestLog
 from orchestrator.request_stream import RequestStream, StreamFailed
 from orchestrator.response_format import ChatFormat, CompletionFormat, ResponseFormat, sse_event
 from orchestrator.router_manager import agent_ids_of
@@ -70,6 +71,7 @@ class OpenAIIngress:
         self.dispatcher = Dispatcher(self.config.namespace, agent_ids_of(self.config),
                                      self.config.server.admission_timeout_s)
         self.metrics = ObservationBuffer(self.controller.send_metrics)
+        self.finished = RequestLog(self.controller.send_requests)  # the workload placement plans for
         self.started_at = int(time.time())
         admin.state.backend = self.controller
         admin.state.tokens = TokenStore.from_config(self.config.admin)
@@ -111,6 +113,7 @@ class OpenAIIngress:
 
     async def _serve(self, request: Request, body_type: type[BaseModel], fmt: type[ResponseFormat]):
         self.metrics.start()
+        self.finished.start()
         model_name, slo = "unknown", self.config.default_slo_class
         try:
             self._authorize(request)
@@ -263,6 +266,15 @@ class OpenAIIngress:
             return bad_request(str(error))
         return ApiError(500, str(error), type="server_error", code="stream_failed")
 
+    def _log_finished(self, stream: RequestStream, outcome: str) -> None:
+        """One record for the placement's workload window. A refused request counts with the
+        tokens it asked for: its demand is real, and counting only what the fleet carried
+        would hide the capacity it lacks."""
+        request = stream.request
+        output = request.sampling.max_tokens if outcome == _Outcome.REJECTED else len(stream.output_ids)
+        arrived = time.time() - (stream.clock() - stream.arrived_at)  # the stream's clock is monotonic
+        self.finished.add(FinishedRequest(request.model, arrived, len(request.prompt_token_ids), output))
+
     def _usage(self, stream: RequestStream) -> dict[str, int]:
         return oai.usage_of(len(stream.request.prompt_token_ids), len(stream.output_ids))
 
@@ -272,6 +284,7 @@ class OpenAIIngress:
 
     def _finish(self, stream: RequestStream, outcome: str) -> None:
         model, slo = stream.request.model, stream.request.slo_class
+        self._log_finished(stream, outcome)
         m = self.metrics
         m.dec("flotilla_requests_in_flight", (model,))
         m.inc("flotilla_requests_total", (model, slo, outcome))

@@ -30,6 +30,8 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 _TICK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 _REPLICA = ("replica", "pool", "gpu_type", "model")
+_KVSTORE = ("store", "node")
+_KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,37 @@ METRICS: tuple[MetricSpec, ...] = (
                "A power budget, watts, by scope (cluster, row:<name>, node:<id>).", ("scope",)),
     MetricSpec("flotilla_power_capping_events_total", "counter",
                "Times a power budget's capping level rose (lock: clocks locked; cap: power limits).", ("level",)),
+    # placement (the GPU mix), recorded by the controller's placement manager
+    MetricSpec("flotilla_fleet_cost_per_hour", "gauge",
+               "$/h of the GPUs the fleet's live replicas hold (starting, ready, draining), at the pools' prices."),
+    MetricSpec("flotilla_planned_replicas", "gauge",
+               "Replicas per GPU type in the latest periodic placement plan.", ("gpu_type",)),
+    MetricSpec("flotilla_plan_changes_total", "counter",
+               "Moves of the fleet to a new GPU mix, by trigger (cost, capacity, operator).", ("trigger",)),
+    # KV-cache stores, recorded by the controller from their reports
+    MetricSpec("flotilla_kvstore_capacity_bytes", "gauge", "A KV store's capacity, bytes, by tier (memory, disk).",
+               _KVSTORE + ("tier",)),
+    MetricSpec("flotilla_kvstore_used_bytes", "gauge", "Bytes of KV blocks a store holds, by tier (memory, disk).",
+               _KVSTORE + ("tier",)),
+    MetricSpec("flotilla_kvstore_blocks", "gauge", "KV blocks a store holds, by tier (memory, disk).",
+               _KVSTORE + ("tier",)),
+    MetricSpec("flotilla_kvstore_hits_total", "counter", "KV blocks a store served to a lookup.", _KVSTORE),
+    MetricSpec("flotilla_kvstore_misses_total", "counter", "KV blocks asked of a store that it did not hold.",
+               _KVSTORE),
+    MetricSpec("flotilla_kvstore_evictions_total", "counter",
+               "KV blocks a store evicted from memory (to its disk tier, or dropped).", _KVSTORE),
+    MetricSpec("flotilla_kvstore_corrupt_blocks_total", "counter",
+               "KV blocks dropped because a reader found them corrupt or lost (then recomputed).", _KVSTORE),
+    MetricSpec("flotilla_kvstore_load_bytes_total", "counter", "KV bytes replicas loaded from a store and verified.",
+               _KVSTORE),
+    MetricSpec("flotilla_kvstore_save_bytes_total", "counter", "KV bytes replicas saved to a store.", _KVSTORE),
+    MetricSpec("flotilla_kvstore_load_seconds", "histogram",
+               "One load from a store as the replica saw it: lookup, transfer and verification, seconds.",
+               _KVSTORE, _KV_BUCKETS),
+    MetricSpec("flotilla_kvstore_save_seconds", "histogram",
+               "One save to a store: the writer's copy into shared memory plus the store's indexing, seconds.",
+               _KVSTORE, _KV_BUCKETS),
+    MetricSpec("flotilla_kvstore_restarts_total", "counter", "KV stores started to replace dead ones.", ("node",)),
 )
 
 METRICS_BY_NAME = {m.name: m for m in METRICS}
@@ -221,11 +254,29 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_BEGIN, README_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+
+
+def readme_with_table(readme: str) -> str:
+    """`readme` with the text between the metrics markers replaced by the current table."""
+    head, _, rest = readme.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    if not rest:
+        raise ValueError(f"README has no {README_BEGIN} ... {README_END} markers")
+    return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Flotilla's metrics")
-    parser.add_argument("--markdown", action="store_true", help="print the README table")
-    parser.parse_args(argv)
-    print(markdown_table())
+    parser.add_argument("--update-readme", metavar="PATH", help="rewrite the table in this README")
+    args = parser.parse_args(argv)
+    if args.update_readme:
+        with open(args.update_readme) as f:
+            text = readme_with_table(f.read())
+        with open(args.update_readme, "w") as f:
+            f.write(text)
+    else:
+        print(markdown_table())
 
 
 if __name__ == "__main__":

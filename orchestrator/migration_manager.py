@@ -147,6 +147,10 @@ class MigrationManager:
                 self.metrics["flotilla_migration_bytes_total"].inc(m.est_bytes)
 
     async def _move(self, m: MigrationRecord, source, target) -> None:
+        """Pre-copy rounds (`migration.precopy_rounds`, each warming the target with the
+        context so far) until few tokens are uncovered, then the switch. With 0 rounds the
+        switch comes at once and the target recomputes the whole context while the client
+        waits: the naive move, kept as an option to measure pre-copy against."""
         cfg = self.config.migration
         if not m.queued:
             for _ in range(cfg.precopy_rounds):

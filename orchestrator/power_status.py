@@ -59,3 +59,13 @@ class PowerStatus:
     gpus: tuple[GpuPowerStatus, ...]
     reasons: tuple[str, ...]  # what moved at the last decision and why
     failures: tuple[str, ...]  # power actions that failed at the last period (retried the next)
+
+
+@dataclass(frozen=True)
+class PowerCapStatus:
+    """An operator's cap on one replica's GPUs."""
+
+    replica_id: str
+    pinned_limit_w: float | None  # per GPU; None: the policy decides
+    limit_w: float  # the limit its GPUs run under now (a new pin lands within one control period)
+    limit_range_w: tuple[float, float]  # (min, max) limit its GPUs accept

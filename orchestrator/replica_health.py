@@ -2,10 +2,11 @@
 
 Pings are not enough: a replica can answer its stats while its engine makes no
 progress (a stuck kernel, a wedged scheduler). So besides unanswered polls, the
-watchdog follows each replica's emitted-token counter: running requests and no new
-token for `recovery.hang_timeout_s` means hung. Per Ray, an actor call that fails with
-`ActorUnavailableError` "may or may not have been executed": that makes a replica
-suspect (unhealthy, no new requests), not dead, until `unresponsive_timeout_s` passes.
+watchdog follows each replica's emitted-token counter: requests to serve (running or
+queued) and no new token for `recovery.hang_timeout_s` means hung. Per Ray, an actor
+call that fails with `ActorUnavailableError` "may or may not have been executed": that
+makes a replica suspect (unhealthy, no new requests), not dead, until
+`unresponsive_timeout_s` passes.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def judge(record: ReplicaRecord, result: EngineStats | BaseException, now: float
     """What one poll's answer (stats, or the error instead) says of `record`; updates its marks."""
     if isinstance(result, EngineStats):
         record.observe(result, now)
-        if result.output_tokens_total != record.progress_mark or result.running == 0:
+        # queued counts: a frozen engine admits nothing, so what reaches it waits with 0 running
+        if result.output_tokens_total != record.progress_mark or result.running + result.waiting == 0:
             record.progress_mark, record.progress_at = result.output_tokens_total, now
         elif now - record.progress_at > settings.hang_timeout_s:
-            return Verdict(Health.DEAD, "hung", f"{result.running} running, no token for "
-                                                f"{now - record.progress_at:.1f}s")
+            return Verdict(Health.DEAD, "hung", f"{result.running} running, {result.waiting} waiting, no token "
+                                                f"for {now - record.progress_at:.1f}s")
         return Verdict(Health.RECOVERED if record.state is ReplicaState.UNHEALTHY else Health.FINE)
     if isinstance(result, ReplicaUnavailable) and result.dead:
         return Verdict(Health.DEAD, "died", str(result))

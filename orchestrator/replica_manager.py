@@ -102,6 +102,7 @@ def spec_for(config: FleetConfig, pool: PoolConfig, replica_id: str) -> ReplicaS
         block_size=model.block_size,
         max_queue=pool.max_queue,
         engine_args=dict(pool.engine_args),
+        power_backend=config.power.backend,
     )
 
 
@@ -139,9 +140,12 @@ class ReplicaManager:
         try:
             self.handles[replica_id] = self.attacher(replica_id)
         except ReplicaUnavailable as e:
-            record.mark_dead(self.clock(), f"gone while the controller was away: {e}")
+            reason = f"gone while the controller was away: {e}"
+            record.mark_dead(self.clock(), reason)
+            if self.faults is not None:  # nobody saw it die, but it did: the fault log must say so
+                self.faults.report("replica", replica_id, "died", reason)
             return record
-        self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record))
+        self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record, adopted=True))
         return record
 
     def set_desired(self, pool: str, replicas: int) -> None:
@@ -242,7 +246,8 @@ class ReplicaManager:
         self.handles[replica_id] = self.launcher(spec, placement_for(pool, self.state.cordoned_nodes()))
         self._starting[replica_id] = asyncio.get_running_loop().create_task(self._start(record))
 
-    async def _start(self, record: ReplicaRecord) -> None:
+    async def _start(self, record: ReplicaRecord, adopted: bool = False) -> None:
+        """Start a replica (re-adopted: attach to it again); once ready, it mends a fault of its pool."""
         handle = self.handles[record.replica_id]
         try:
             info = await handle.start(self.config.controller.replica_start_timeout_s)
@@ -253,15 +258,18 @@ class ReplicaManager:
             if record.state is ReplicaState.STARTING:
                 record.mark_ready(info.node_id, self.clock())
                 log.info("replica %s ready on node %s (%.1fs)", record.replica_id, info.node_id[:8], info.load_s)
-                self._mend_a_fault(record)
+                self._mend_a_fault(record, started_before=info.started_at if adopted else None)
         finally:
             self._starting.pop(record.replica_id, None)
 
-    def _mend_a_fault(self, replacement: ReplicaRecord) -> None:
-        """A new replica in a pool mends that pool's oldest open replica fault."""
+    def _mend_a_fault(self, replacement: ReplicaRecord, started_before: float | None = None) -> None:
+        """A new replica in a pool mends that pool's oldest open replica fault. A re-adopted one
+        (`started_before`: when its engine started) mends only a fault detected before that: it was
+        the fault's replacement, seen ready by the restarted controller; else it replaces nothing."""
         if self.faults is None:
             return
-        open_faults = self.faults.open_for_pool(replacement.pool)
+        open_faults = [f for f in self.faults.open_for_pool(replacement.pool)
+                       if started_before is None or f.detected_at <= started_before]
         if open_faults:
             self.faults.recovered("replica", open_faults[0].target, replaced_by=replacement.replica_id)
             self.faults.metrics["flotilla_replica_restarts_total"].labels(replacement.pool).inc()

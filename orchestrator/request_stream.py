@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from actors.engines.base import EngineOverloaded, FinishReason, GenerationRequest, TokenDelta
+from actors.engines.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest, TokenDelta
 from actors.replica_client import ReplicaUnavailable
-from orchestrator.dispatcher import Dispatcher
+from orchestrator.dispatcher import Dispatcher, NoCapacity
 from policies.fleet_view import RoutingRequest
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,13 @@ class RequestStream:
         """The client's stream: contiguous deltas from index 0, the last one finished."""
         handed_to: str | None = None
         while self.finish_reason is None:
-            replica = await self._next_replica(handed_to)
+            try:
+                replica = await self._next_replica(handed_to)
+            except NoCapacity as e:
+                if not self.output_ids:
+                    raise  # nothing sent yet: the ingress can still answer with a status code
+                raise StreamFailed(f"request {self.request_id}: no replica to resume on after "
+                                   f"{len(self.output_ids)} tokens: {e.reason}") from e
             self.replica_id, handed_to = replica.replica_id, None
             try:
                 async for delta in replica.generate(self._pending_request()):
@@ -90,6 +96,11 @@ class RequestStream:
                     raise ReplicaUnavailable(replica.replica_id, "stream ended without finishing", dead=False)
             except EngineOverloaded:
                 self._avoid(replica.replica_id)  # full since the router looked; nothing was sent
+            except EngineError as e:
+                if not self.output_ids:
+                    raise
+                raise StreamFailed(f"request {self.request_id}: replica {replica.replica_id} failed it after "
+                                   f"{len(self.output_ids)} tokens: {e}") from e
             except ReplicaUnavailable as e:
                 self._avoid(replica.replica_id)
                 self.dispatcher.forget_replica(replica.replica_id)

@@ -57,6 +57,7 @@ class RouterManager:
         self.settings_version = 0
         self.handles = {a: launcher(a, self.settings) for a in self.agent_ids}
         self.failures: dict[str, str] = {}
+        self._answered: set[str] = set()  # agents that took a view at least once (before, one is starting)
 
     def reconfigure(self, config: FleetConfig) -> None:
         """New routing settings; agents get them with the next `publish`."""
@@ -70,6 +71,7 @@ class RouterManager:
         )
         for agent_id, result in zip(self.agent_ids, results):
             if isinstance(result, RouterAgentInfo):
+                self._answered.add(agent_id)
                 if self.failures.pop(agent_id, None) is not None and self.faults is not None:
                     self.faults.recovered("router", agent_id)
                 if result.peers != len(self.agent_ids) - 1:
@@ -77,7 +79,7 @@ class RouterManager:
                 if result.settings_version != self.settings_version:
                     await self._configure(agent_id)
             else:
-                if agent_id not in self.failures and self.faults is not None:
+                if agent_id not in self.failures and agent_id in self._answered and self.faults is not None:
                     self.faults.report("router", agent_id, "unreachable", str(result))
                 self.failures[agent_id] = str(result)
                 log.warning("router agent %s did not take view %d: %s", agent_id, view.version, result)

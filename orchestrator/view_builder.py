@@ -7,25 +7,33 @@ from functools import lru_cache
 from orchestrator.fleet_state import FleetState, ReplicaRecord
 from policies.fleet_view import FleetView, ReplicaSnapshot, SloClass
 from policies.perfmodel import StepTimeModel, TransformerSpec, gpu_spec
+from policies.power_model import UNCAPPED, GpuSetting, capped_speed
 
 _TYPICAL_CONTEXT = 1024  # tokens per sequence assumed when stating a replica's speed
 _TYPICAL_BATCH = 16  # sequences in the decode step whose time routing uses for TPOT
 
 
-@lru_cache(maxsize=256)
-def replica_speed(gpu_type: str, arch: TransformerSpec, gpus: int) -> tuple[float, float, float]:
-    """(prefill tokens/s, decode step seconds at a typical batch, max output tokens/s) of one replica."""
+@lru_cache(maxsize=1024)
+def replica_speed(gpu_type: str, arch: TransformerSpec, gpus: int,
+                  setting: GpuSetting = UNCAPPED) -> tuple[float, float, float]:
+    """(prefill tokens/s, decode step seconds at a typical batch, max output tokens/s) of one
+    replica whose GPUs run under the power `setting`: the uncapped speeds scaled by what
+    the cap costs (`policies.power_model.capped_speed`), capacity with the decode step."""
     model = StepTimeModel(gpu_spec(gpu_type), arch, tp=max(1, gpus))
-    return (
-        model.prefill_tokens_per_s(),
-        model.decode_time(_TYPICAL_BATCH, _TYPICAL_BATCH * _TYPICAL_CONTEXT),
-        model.max_decode_tokens_per_s(_TYPICAL_CONTEXT),
-    )
+    prefill_tps = model.prefill_tokens_per_s()
+    decode_s = model.decode_time(_TYPICAL_BATCH, _TYPICAL_BATCH * _TYPICAL_CONTEXT)
+    max_tps = model.max_decode_tokens_per_s(_TYPICAL_CONTEXT)
+    if setting == UNCAPPED:
+        return prefill_tps, decode_s, max_tps
+    free = capped_speed(model, decode_batch=_TYPICAL_BATCH, context_per_seq=_TYPICAL_CONTEXT)
+    capped = capped_speed(model, setting, decode_batch=_TYPICAL_BATCH, context_per_seq=_TYPICAL_CONTEXT)
+    decode_slowdown = capped[1] / free[1]
+    return prefill_tps * capped[0] / free[0], decode_s * decode_slowdown, max_tps / decode_slowdown
 
 
 def snapshot_of(record: ReplicaRecord, gpus: int) -> ReplicaSnapshot:
     spec, stats = record.spec, record.stats
-    prefill_tps, decode_step_s, max_tps = replica_speed(spec.gpu_type, spec.arch, gpus)
+    prefill_tps, decode_step_s, max_tps = replica_speed(spec.gpu_type, spec.arch, gpus, record.power_setting)
     load = {}
     if stats is not None:
         load = dict(

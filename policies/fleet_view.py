@@ -97,6 +97,17 @@ class SloClass:
 
 
 @dataclass(frozen=True)
+class StoreSnapshot:
+    """One node's KV-cache store: the blocks any replica on that node could load from it."""
+
+    store_id: str
+    node_id: str
+    cached_block_hashes: frozenset[int] = field(default_factory=frozenset)  # see policies.block_hash
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class FleetView:
     """What router agents route over: every replica, one version of the truth.
 
@@ -108,6 +119,10 @@ class FleetView:
     created_at: float
     replicas: tuple[ReplicaSnapshot, ...]
     slo_classes: tuple[SloClass, ...] = ()
+    stores: tuple[StoreSnapshot, ...] = ()  # the KV-cache stores that answered, one per node at most
+    # what a prompt block a replica can load from its node's store counts for, in [0, 1],
+    # against one in its own prefix cache (routing's prefix scorer); 0 ignores the stores
+    store_hit_weight: float = 0.0
 
     def replica(self, replica_id: str) -> ReplicaSnapshot | None:
         return next((r for r in self.replicas if r.replica_id == replica_id), None)

@@ -88,6 +88,7 @@ class RoutingDecision:
 
 
 _NUMERIC = (  # ReplicaSnapshot fields the table keeps as float64 columns
+    "running",
     "waiting",
     "waiting_prompt_tokens",
     "kv_blocks_used",
@@ -121,6 +122,13 @@ class RoutingTable:
     columns: Mapping[str, np.ndarray]  # the _NUMERIC fields by name
     prefix: PrefixIndex  # which rows hold which block hashes
     _model_masks: Mapping[str, np.ndarray]
+    # KV-cache stores: which stores hold which block hashes, the store on each replica's
+    # node (-1: none), and what a block loadable from there counts for (FleetView)
+    store_prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex.build(()))
+    store_of_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    store_hit_weight: float = 0.0
+    # per-row ratios that depend on the view alone, computed on first use
+    _derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_view(cls, view: FleetView) -> RoutingTable:
@@ -150,6 +158,7 @@ class RoutingTable:
             columns=MappingProxyType(cols),
             prefix=PrefixIndex.build([r.cached_block_hashes for r in reps]),
             _model_masks=MappingProxyType({m: _frozen(models == m) for m in set(models)}),
+            **_store_columns(view),
         )
 
     def __len__(self) -> int:
@@ -171,12 +180,48 @@ class RoutingTable:
         self, rows: np.ndarray, booked_requests: np.ndarray, booked_tokens: np.ndarray
     ) -> np.ndarray:
         """Utilisation in [0, 1] of `rows` with their bookings (see the module note)."""
+        return self._utilisation(rows, booked_requests, booked_tokens)
+
+    def _utilisation(
+        self, rows: np.ndarray | None, booked_requests: np.ndarray, booked_tokens: np.ndarray
+    ) -> np.ndarray:
+        """`utilisation` of `rows`, or of every row when `rows` is None (no gather)."""
         c = self.columns
-        queued = (c["waiting_prompt_tokens"][rows] + booked_tokens) / c["block_size"][rows]
-        kv = _ratio(c["kv_blocks_used"][rows] + queued, c["kv_blocks_total"][rows])
-        queue = _ratio(c["waiting"][rows] + booked_requests, c["max_queue"][rows])
-        throughput = c["tokens_per_s"][rows] / c["max_batch_tokens_per_s"][rows]
+        if rows is None:
+            col = c.__getitem__
+        else:
+            def col(name: str) -> np.ndarray:
+                return c[name][rows]
+        queued = (col("waiting_prompt_tokens") + booked_tokens) / col("block_size")
+        kv = _ratio(col("kv_blocks_used") + queued, col("kv_blocks_total"))
+        queue = _ratio(col("waiting") + booked_requests, col("max_queue"))
+        throughput = self._throughput() if rows is None else self._throughput()[rows]
         return np.minimum(np.maximum(np.maximum(kv, queue), throughput), 1.0)
+
+    def _throughput(self) -> np.ndarray:
+        """tokens_per_s / max_batch_tokens_per_s per row: the view's own, so computed once."""
+        ratio = self._derived.get("throughput")
+        if ratio is None:
+            c = self.columns
+            ratio = self._derived["throughput"] = _frozen(c["tokens_per_s"] / c["max_batch_tokens_per_s"])
+        return ratio
+
+
+def _store_columns(view: FleetView) -> dict:
+    """The stores' prefix index and each replica row's store (on its node), or nothing
+    when routing ignores stores."""
+    if not view.stores or view.store_hit_weight <= 0:
+        return {}
+    if not 0 < view.store_hit_weight <= 1:
+        raise ValueError(f"fleet view {view.version}: store_hit_weight must lie in [0, 1], "
+                         f"got {view.store_hit_weight!r}")
+    row_of_node = {s.node_id: i for i, s in enumerate(view.stores)}
+    rows = np.fromiter((row_of_node.get(r.node_id, -1) for r in view.replicas), np.int64, len(view.replicas))
+    return dict(
+        store_prefix=PrefixIndex.build([s.cached_block_hashes for s in view.stores]),
+        store_of_row=_frozen(rows),
+        store_hit_weight=float(view.store_hit_weight),
+    )
 
 
 def _column(reps: tuple[ReplicaSnapshot, ...], name: str) -> np.ndarray:
@@ -330,29 +375,36 @@ class Router:
                     reason=message.format(model=request.model, need=need),
                 )
         candidates = np.flatnonzero(mask)
-        booked_requests, booked_tokens = table.booked(bookings, candidates)
-        util = table.utilisation(candidates, booked_requests, booked_tokens)
+        # Most decisions can choose among every row: then read whole columns, not copies.
+        every = candidates.size == len(table)
+        booked_requests, booked_tokens = (
+            table.booked(bookings, candidates) if not every or bookings is None
+            else bookings.by_row(table.index_of, len(table)))
+        util = table._utilisation(None if every else candidates, booked_requests, booked_tokens)
         kept = load_guard(util, self.load_guard)
+        if not kept.all():
+            candidates, util, booked_tokens, every = candidates[kept], util[kept], booked_tokens[kept], False
         ctx = ScoringContext(
             request=request,
             table=table,
-            candidates=candidates[kept],
-            utilisation=util[kept],
-            booked_tokens=booked_tokens[kept],
+            candidates=candidates,
+            utilisation=util,
+            booked_tokens=booked_tokens,
             slo=_slo_class(request, table),
             now=now,
+            every_row=every,
         )
         scores = {name: _checked(name, scorer(ctx)) for name, scorer in self._scorers.items()}
         combined = combine(scores, self.weights)
-        best = best_index(combined, ctx.utilisation, table.id_rank[ctx.candidates])
+        best = best_index(combined, ctx.utilisation, table.id_rank if every else table.id_rank[candidates])
         return RoutingDecision(
             request_id=request.request_id,
             view_version=table.version,
-            replica_id=table.replica_ids[int(ctx.candidates[best])],
+            replica_id=table.replica_ids[int(candidates[best])],
             score=float(combined[best]),
             scores=MappingProxyType({name: float(s[best]) for name, s in scores.items()}),
             utilisation=float(ctx.utilisation[best]),
-            candidates=int(ctx.candidates.size),
+            candidates=int(candidates.size),
         )
 
 

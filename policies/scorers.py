@@ -9,6 +9,7 @@ entry in `SCORERS`; the router is not edited. Scores are combined only in
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,10 +34,12 @@ class ScoringContext:
     booked_tokens: np.ndarray  # prompt tokens booked on each and not in its stats yet
     slo: SloClass | None  # the request's class; None when the fleet defines none
     now: float  # seconds, same clock as the replicas' observed_at
+    every_row: bool = False  # the candidates are all of the table's rows, in order
 
     def column(self, name: str) -> np.ndarray:
-        """A numeric table column (see `RoutingTable.columns`) for the candidates."""
-        return self.table.columns[name][self.candidates]
+        """A numeric table column (see `RoutingTable.columns`) for the candidates, read-only."""
+        column = self.table.columns[name]
+        return column if self.every_row else column[self.candidates]
 
 
 Scorer = Callable[[ScoringContext], np.ndarray]
@@ -64,14 +67,24 @@ def kv(ctx: ScoringContext) -> np.ndarray:
 
 
 def prefix(ctx: ScoringContext) -> np.ndarray:
-    """Estimated prefix-cache hit: leading request blocks the replica holds / request blocks.
+    """Estimated prefix hit: leading request blocks the replica will not compute / request blocks.
 
-    Zero everywhere for a request without full blocks.
+    Blocks in the replica's own prefix cache count 1 each; the blocks after those that
+    the KV-cache store on the replica's node holds (it loads them instead of computing
+    them, at the cost of a copy) count `store_hit_weight` each. Zero everywhere for a
+    request without full blocks.
     """
-    n = len(ctx.request.block_hashes)
+    hashes = ctx.request.block_hashes
+    n = len(hashes)
     if n == 0:
         return np.zeros(ctx.candidates.size)
-    return ctx.table.prefix.depth(ctx.request.block_hashes)[ctx.candidates] / n
+    own = ctx.table.prefix.depth(hashes)[ctx.candidates]
+    table = ctx.table
+    if table.store_hit_weight > 0 and table.store_prefix.keys.size:
+        rows = table.store_of_row[ctx.candidates]
+        in_store = np.where(rows >= 0, table.store_prefix.depth(hashes)[np.maximum(rows, 0)], 0)
+        return (own + table.store_hit_weight * np.maximum(in_store - own, 0)) / n
+    return own / n
 
 
 def slo_fit(ctx: ScoringContext) -> np.ndarray:
@@ -97,6 +110,55 @@ def slo_fit(ctx: ScoringContext) -> np.ndarray:
     return np.minimum(_fit(ttft_target, ttft), _fit(tpot_target, tpot))
 
 
+def round_robin(ctx: ScoringContext) -> np.ndarray:
+    """Round robin: each request to the next replica in turn, whatever their load.
+
+    Stateless, so the turn is read from the bookings: the candidate the router agents
+    have sent the fewest prompt tokens since its last report (`booked_tokens`) is next,
+    ties going around the replicas in id order from an offset that advances with each
+    view (`table.version`). With equal prompts that is exactly round robin; it never
+    reads a replica's reported load, which is what makes it the load-oblivious
+    baseline. Use it alone with `load_guard: 1.0`. Scores 1 for the pick, 0 elsewhere.
+    """
+    n = ctx.candidates.size
+    ranks = ctx.table.id_rank[ctx.candidates]
+    turn = (ranks - ctx.table.version) % len(ctx.table)  # position in this view's rotation
+    pick = np.lexsort((turn, ctx.booked_tokens))[0]
+    return _one_hot(n, pick)
+
+
+def power_of_two(ctx: ScoringContext) -> np.ndarray:
+    """Power of two choices (Ray Serve's default request router): sample two candidates
+    at random and take the one with fewer requests queued on it (running + waiting, as
+    last reported; fewer booked prompt tokens on a tie, then both score).
+
+    The random source is the request's id, which the ingress draws at random (uuid4):
+    the pair is a pure function of the request, so the scorer stays pure and testable,
+    and is uniform over the candidate pairs across requests. Scores 1 for the pick
+    (both on a full tie: the router then takes the less utilised), 0 elsewhere.
+    """
+    n = ctx.candidates.size
+    if n == 1:
+        return np.ones(1)
+    a, b = np.random.default_rng(_seed(ctx.request.request_id)).choice(n, size=2, replace=False)
+    queued = ctx.column("running") + ctx.column("waiting")
+    key_a, key_b = (queued[a], ctx.booked_tokens[a]), (queued[b], ctx.booked_tokens[b])
+    scores = np.zeros(n)
+    scores[a], scores[b] = float(key_a <= key_b), float(key_b <= key_a)
+    return scores
+
+
+def _seed(request_id: str) -> int:
+    """64 bits of the request id, as a generator seed."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+
+
+def _one_hot(n: int, i: int) -> np.ndarray:
+    scores = np.zeros(n)
+    scores[i] = 1.0
+    return scores
+
+
 def _fit(target: float, predicted: np.ndarray) -> np.ndarray:
     """min(1, target / predicted), with a zero prediction meeting any target."""
     return np.minimum(
@@ -105,5 +167,6 @@ def _fit(target: float, predicted: np.ndarray) -> np.ndarray:
 
 
 SCORERS: Mapping[str, Scorer] = MappingProxyType(
-    {"load": load, "kv": kv, "prefix": prefix, "slo_fit": slo_fit}
+    {"load": load, "kv": kv, "prefix": prefix, "slo_fit": slo_fit,
+     "round_robin": round_robin, "power_of_two": power_of_two}
 )

@@ -12,12 +12,17 @@ from actors.engines.base import (
     SamplingSpec,
     UnknownRequest,
 )
+from actors.power import ActionOutcome, PowerCapabilities, PowerReading
 from actors.replica import PrefetchResult, ReplicaInfo
 from actors.replica_client import ReplicaPlacement
 from actors.replica_spec import ReplicaSpec
 from actors.router import RouterAgentInfo
 from orchestrator.fleet_state import NodeObservation
+from orchestrator.power_inputs import after
 from policies.fleet_view import FleetView
+from policies.gpu_catalog import gpu_spec
+from policies.power_model import DEFAULT_COEFFICIENTS, UNCAPPED, GpuSetting, clock_range
+from policies.power_snapshot import PowerAction
 
 
 class FakeClock:
@@ -53,6 +58,14 @@ class FakeReplica:
     prefetched: list[int] = field(default_factory=list)  # context lengths it was asked to warm
     handed_off: list[tuple[str, str]] = field(default_factory=list)
     _outputs: dict[str, int] = field(default_factory=dict)
+    # power: `gpus` GPUs of its type, each drawing `draw_w` (None: idle) as its setting allows
+    gpus: int = 1
+    draw_w: float | None = None
+    power_read_only: bool = False
+    power_error: Exception | None = None  # raised by power()
+    apply_error: Exception | None = None  # raised by apply_power()
+    power_setting: GpuSetting = UNCAPPED
+    power_actions: list[PowerAction] = field(default_factory=list)  # applied, in order
 
     @property
     def replica_id(self) -> str:
@@ -109,6 +122,35 @@ class FakeReplica:
     async def pause(self, timeout_s: float = 10.0) -> None:
         self.paused = True
 
+    async def power(self, timeout_s: float) -> tuple[PowerReading, ...]:
+        if self.power_error:
+            raise self.power_error
+        gpu, setting = gpu_spec(self.spec.gpu_type), self.power_setting
+        clocks = clock_range(gpu)
+        draw = gpu.idle_watts if self.draw_w is None else self.draw_w
+        if setting.locked_clock_mhz is not None:  # dynamic power falls with the clock
+            scale = DEFAULT_COEFFICIENTS.clock_power_scale(setting.locked_clock_mhz / clocks.max_mhz)
+            draw = gpu.idle_watts + (draw - gpu.idle_watts) * scale
+        limit = gpu.tdp_watts if setting.power_limit_w is None else setting.power_limit_w
+        clock = setting.locked_clock_mhz or clocks.max_mhz
+        return tuple(PowerReading(i, f"fake {gpu.name}", min(draw, limit), limit, gpu.tdp_watts,
+                                  (gpu.min_power_limit_watts, gpu.tdp_watts), clock, (clocks.min_mhz, clocks.max_mhz),
+                                  setting.locked_clock_mhz, self.clock())
+                     for i in range(self.gpus))
+
+    async def power_capabilities(self, timeout_s: float = 5.0) -> PowerCapabilities:
+        ro = self.power_read_only
+        return PowerCapabilities(ro, not ro, not ro, "fake read-only GPU" if ro else "")
+
+    async def apply_power(self, action: PowerAction, timeout_s: float) -> ActionOutcome:
+        if self.apply_error:
+            raise self.apply_error
+        if self.power_read_only:
+            return ActionOutcome(action, False, "fake read-only GPU: nothing applied")
+        self.power_setting = after(self.power_setting, action)
+        self.power_actions.append(action)
+        return ActionOutcome(action, True)
+
 
 @dataclass
 class FakeRouter:
@@ -139,3 +181,13 @@ def nodes_for(*gpu_types: str) -> list[NodeObservation]:
             nodes.append(NodeObservation(f"node-{t}{suffix}", f"10.0.1.{len(nodes)}", True,
                                          (("CPU", 8.0), ("GPU", 8.0), (f"accelerator_type:{t}", 1.0))))
     return nodes
+
+
+@dataclass
+class FakeAutoscaler:
+    """Records the resource demand a controller sends Ray's autoscaler (`orchestrator.autoscaler`)."""
+
+    demands: list[tuple[dict[str, float], ...]] = field(default_factory=list)
+
+    def __call__(self, bundles) -> None:
+        self.demands.append(tuple(dict(b) for b in bundles))

@@ -12,7 +12,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from actors.kv_link import KVLink
 
 from policies.fleet_view import RequestStatus  # noqa: F401  (re-exported: engines report it)
 
@@ -117,6 +120,12 @@ class EngineStats:
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
     requests: tuple[RequestStatus, ...] = ()  # every request it holds, running or waiting
     output_tokens_total: int = 0  # cumulative tokens emitted: the hang watchdog's measure of progress
+    # cumulative prompt tokens whose KV was loaded from a KV-cache store (neither computed
+    # nor in `cached_prompt_tokens`): computed + cached + loaded = prompt tokens admitted
+    loaded_prompt_tokens: int = 0
+    # cumulative running requests sent back to the queue for want of KV blocks (their KV
+    # freed, to be recomputed); 0 from an engine that does not count them
+    preemptions: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -174,4 +183,14 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Release everything. The engine is unusable afterwards."""
+
+    def attach_kv_store(self, link: KVLink) -> None:
+        """Save computed blocks to, and load missing ones from, the fleet's KV-cache
+        stores through `link`. Called at most once, before `start`."""
+
+    async def export_kv(self, request_id: str) -> tuple[int, ...]:
+        """Save every full KV block of a request's context to this node's KV-cache store
+        now (for a migration or a checkpoint); returns the hashes the store holds after,
+        a leading run of `snapshot(request_id).block_hashes`. Raises `UnknownRequest`,
+        and `EngineError("no_kv_store")` when no store is attached."""
 

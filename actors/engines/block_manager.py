@@ -8,11 +8,23 @@ reference-counted. A freed block that carries a hash stays in the cache, reusabl
 on an LRU list until a fresh allocation needs the space and evicts it. A block held
 by any sequence is never evicted.
 
+A host whose requests never share a block hash (a simulator's unique synthetic prompts)
+may allocate a sequence `deferred`: its blocks are then registered only when it is about
+to leave and may come back (`publish`, before a preemption or an abort). Nobody else
+could have hit them meanwhile, so hits, evictions and counts are those of registering
+them as they fill; what a deferred sequence never publishes takes its place on the LRU
+unnamed. `cached_block_hashes` leaves out blocks not yet published.
+
 Every change comes as a check/commit pair: `can_allocate` / `allocate`,
 `can_append` / `append_slot`. Committing without room is a caller bug and asserts.
 
-Block objects are made on first use, not up front: a simulated fleet holds thousands
-of engines of thousands of blocks each, most never touched in a short run.
+A block is its id, an int. A simulated fleet holds thousands of engines of thousands of
+blocks each, and a million requests take, register and release every block of their
+contexts: a Python object per block cost seconds to build and gigabytes to keep, and
+per-block bookkeeping was the simulator's hottest path. So a block's state is where it
+sits: on the empty stack, never used (ids from `_unused` up), on the LRU of evictable
+cached blocks, or else held. Only what is rare is stored per block: the hash of a
+registered one, and the holders beyond the first of one that sequences share.
 """
 
 from __future__ import annotations
@@ -30,24 +42,19 @@ class Allocation:
     num_cached_tokens: int  # leading context tokens whose KV was reused from the cache
 
 
-class _Block:
-    __slots__ = ("block_hash", "block_id", "ref_count")
-
-    def __init__(self, block_id: int, ref_count: int = 0):
-        self.block_id = block_id
-        self.ref_count = ref_count
-        self.block_hash: int | None = None  # set once registered in the prefix cache
-
-
 class _Table:
     """One sequence's blocks and how many of its slots are reserved and registered."""
 
-    __slots__ = ("blocks", "num_registered", "num_slots")
+    __slots__ = ("blocks", "deferred", "num_registered", "num_slots", "skipped")
 
-    def __init__(self, blocks: list[_Block], num_slots: int, num_registered: int):
-        self.blocks = blocks
+    def __init__(self, blocks: list[int], num_slots: int, num_registered: int, deferred: bool):
+        self.blocks = blocks  # block ids, in context order
         self.num_slots = num_slots  # token slots reserved (<= len(blocks) * block_size)
-        self.num_registered = num_registered  # leading blocks registered in the cache
+        self.num_registered = num_registered  # leading blocks past which none is registered
+        # Some of those leading blocks is not registered (another block served its hash
+        # first); else exactly the leading `num_registered` are, and none after them.
+        self.skipped = False
+        self.deferred = deferred  # the leading `num_registered` are due, not yet registered
 
 
 class BlockManager:
@@ -63,13 +70,15 @@ class BlockManager:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._shared: dict[int, int] = {}  # block -> holders beyond the first, for blocks held twice or more
+        self._hash_of: dict[int, int] = {}  # block -> its hash, for registered blocks
         # Free blocks that hold nothing worth keeping, taken before evicting cached ones:
         # the last freed first, then blocks never used (ids from `_unused` up).
-        self._empty: list[_Block] = []
+        self._empty: list[int] = []
         self._unused = 0
         # Free blocks still registered under a hash, least recently freed first.
-        self._evictable: OrderedDict[int, _Block] = OrderedDict()
-        self._cached: dict[int, _Block] = {}  # block hash -> block (held or evictable)
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._cached: dict[int, int] = {}  # block hash -> block (held or evictable)
         self._tables: dict[str, _Table] = {}
         self.computed_prompt_tokens = 0  # cumulative, counted when a sequence is allocated
         self.cached_prompt_tokens = 0  # cumulative, counted when a sequence is allocated
@@ -115,11 +124,14 @@ class BlockManager:
         """Whether `allocate` would find room for a context of `num_tokens` tokens."""
         return self._allocation_cost(block_hashes, num_tokens) <= self.num_free_blocks
 
-    def allocate(self, seq_id: str, block_hashes: Sequence[int], num_tokens: int) -> Allocation:
+    def allocate(self, seq_id: str, block_hashes: Sequence[int], num_tokens: int,
+                 deferred: bool = False) -> Allocation:
         """Give `seq_id` slots for `num_tokens` context tokens, reusing cached prefix blocks.
 
         `block_hashes` are the chained hashes of the context's full blocks. Counts the
         context as prompt tokens: reused ones as cached, the rest as to be computed.
+        `deferred` (see the module note) promises that no other sequence shares any of
+        these hashes and that none of them is cached now.
         """
         assert seq_id not in self._tables, f"{seq_id} already holds blocks"
         assert num_tokens > 0, "a sequence needs at least one token"
@@ -127,7 +139,8 @@ class BlockManager:
         hits = self.cached_prefix_blocks(block_hashes, num_tokens)
         blocks = [self._take_cached(block_hashes[i]) for i in range(hits)]
         blocks += self._take_empty(self._blocks_for(num_tokens) - hits)
-        self._tables[seq_id] = _Table(blocks, num_tokens, hits)
+        assert not (deferred and hits), "deferred allocation of cached blocks"
+        self._tables[seq_id] = _Table(blocks, num_tokens, hits, deferred)
         cached_tokens = hits * self.block_size
         self.cached_prompt_tokens += cached_tokens
         self.computed_prompt_tokens += num_tokens - cached_tokens
@@ -136,7 +149,8 @@ class BlockManager:
     def _allocation_cost(self, block_hashes: Sequence[int], num_tokens: int) -> int:
         """Free blocks an allocation consumes: fresh ones plus cached hits now on the LRU."""
         hits = self.cached_prefix_blocks(block_hashes, num_tokens)
-        revived = sum(1 for i in range(hits) if self._cached[block_hashes[i]].ref_count == 0)
+        evictable, cached = self._evictable, self._cached
+        revived = sum(1 for i in range(hits) if cached[block_hashes[i]] in evictable)
         return self._blocks_for(num_tokens) - hits + revived
 
     # ---- append --------------------------------------------------------------------
@@ -144,6 +158,21 @@ class BlockManager:
     def can_append(self, seq_id: str, num_new_tokens: int = 1) -> bool:
         """Whether `append_slot` would find room for `num_new_tokens` more tokens."""
         return self._extra_blocks(self._tables[seq_id], num_new_tokens) <= self.num_free_blocks
+
+    def try_reserve(self, seq_id: str, num_slots: int) -> bool:
+        """Make `seq_id` hold at least `num_slots` token slots: `try_append_slot` of what
+        it lacks (True at once if it lacks nothing). The scheduler's per-sequence,
+        per-step call."""
+        table = self._tables[seq_id]
+        if num_slots <= table.num_slots:
+            return True
+        extra = -(-num_slots // self.block_size) - len(table.blocks)
+        if extra > 0:
+            if extra > len(self._empty) + self.num_blocks - self._unused + len(self._evictable):
+                return False
+            table.blocks += self._take_empty(extra)
+        table.num_slots = num_slots
+        return True
 
     def append_slot(self, seq_id: str, num_new_tokens: int = 1) -> None:
         """Reserve slots for `num_new_tokens` more tokens of `seq_id`."""
@@ -167,16 +196,26 @@ class BlockManager:
         return True
 
     def append_slots(self, seq_ids: Iterable[str], num_new_tokens: int) -> None:
-        """`append_slot(seq_id, num_new_tokens)` for each of `seq_ids`; the caller has
-        checked that the blocks they need together are free."""
+        """`append_slot(seq_id, num_new_tokens)` for each of `seq_ids`, in order; the
+        caller has checked that the blocks they need together are free."""
         tables, block_size = self._tables, self.block_size
+        needs: list[tuple[_Table, int]] = []
+        total = 0
         for seq_id in seq_ids:
             table = tables[seq_id]
-            extra = -(-(table.num_slots + num_new_tokens) // block_size) - len(table.blocks)
+            table.num_slots = slots = table.num_slots + num_new_tokens
+            extra = -(-slots // block_size) - len(table.blocks)
             if extra > 0:
-                assert extra <= self.num_free_blocks, "append_slots without room"
-                table.blocks += self._take_empty(extra)
-            table.num_slots += num_new_tokens
+                needs.append((table, extra))
+                total += extra
+        if total:
+            assert total <= self.num_free_blocks, "append_slots without room"
+            # one take of them all hands out the blocks that one take each, in turn, would
+            taken = self._take_empty(total)
+            start = 0
+            for table, extra in needs:
+                table.blocks += taken[start:start + extra]
+                start += extra
 
     def _extra_blocks(self, table: _Table, num_new_tokens: int) -> int:
         return -(-(table.num_slots + num_new_tokens) // self.block_size) - len(table.blocks)
@@ -192,14 +231,32 @@ class BlockManager:
         that one stays the cached copy and this block stays private.
         """
         table = self._tables[seq_id]
+        start = table.num_registered
         full = min(num_computed_tokens // self.block_size, len(block_hashes), len(table.blocks))
-        cached, blocks = self._cached, table.blocks
-        for i in range(table.num_registered, full):
-            block, block_hash = blocks[i], block_hashes[i]
-            if block.block_hash is None and block_hash not in cached:
-                block.block_hash = block_hash
+        if full <= start:
+            return
+        if table.deferred:
+            table.num_registered = full
+            return
+        # Blocks past `num_registered` were taken empty, so none of them has a hash yet.
+        cached, hash_of = self._cached, self._hash_of
+        hashes, blocks = block_hashes[start:full], table.blocks[start:full]
+        if cached.keys().isdisjoint(hashes):  # the usual case: register them all at once
+            size = len(cached)
+            cached.update(zip(hashes, blocks))
+            if len(cached) - size == full - start:
+                hash_of.update(zip(blocks, hashes))
+                table.num_registered = full
+                return
+            for block_hash in hashes:  # a hash repeats among them: undo, go one by one
+                cached.pop(block_hash, None)
+        for block, block_hash in zip(blocks, hashes):
+            if block_hash in cached:
+                table.skipped = True
+            else:
+                hash_of[block] = block_hash
                 cached[block_hash] = block
-        table.num_registered = max(table.num_registered, full)
+        table.num_registered = full
 
     def free(self, seq_id: str) -> None:
         """Release every block of `seq_id`; cached ones stay reusable until evicted.
@@ -208,44 +265,70 @@ class BlockManager:
         evicted before its first ones (which more requests share).
         """
         table = self._tables.pop(seq_id)
-        empty, evictable = self._empty, self._evictable
-        for block in reversed(table.blocks):
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block.block_id} freed twice"
-            if block.ref_count > 0:
-                continue
-            if block.block_hash is None:
-                empty.append(block)
+        blocks, registered = table.blocks, table.num_registered
+        if table.deferred or not (self._shared or table.skipped):
+            # Each block has this one holder, and exactly the leading `registered` have
+            # a hash (or, deferred, would have one): the tail goes to the empty stack,
+            # the head to the LRU, both last block first.
+            self._empty += reversed(blocks[registered:])
+            self._evictable.update(dict.fromkeys(reversed(blocks[:registered])))
+            return
+        shared, hash_of, empty, evictable = self._shared, self._hash_of, self._empty, self._evictable
+        for block in reversed(blocks):
+            others = shared.get(block)
+            if others:
+                if others == 1:
+                    del shared[block]
+                else:
+                    shared[block] = others - 1
+            elif block in hash_of:
+                evictable[block] = None
             else:
-                evictable[block.block_id] = block
+                empty.append(block)
 
-    def _take_cached(self, block_hash: int) -> _Block:
+    def publish(self, seq_id: str, block_hashes: Sequence[int]) -> None:
+        """Register the blocks of a `deferred` sequence that are due (as `cache_blocks`
+        would have); from now on it is an ordinary one. Nothing for others."""
+        table = self._tables[seq_id]
+        if not table.deferred:
+            return
+        table.deferred = False
+        n = table.num_registered
+        hashes, blocks = block_hashes[:n], table.blocks[:n]
+        size = len(self._cached)
+        self._cached.update(zip(hashes, blocks))
+        assert len(self._cached) - size == n, "a deferred sequence's hashes were already cached"
+        self._hash_of.update(zip(blocks, hashes))
+
+    def _take_cached(self, block_hash: int) -> int:
         block = self._cached[block_hash]
-        if block.ref_count == 0:
-            del self._evictable[block.block_id]
-        block.ref_count += 1
+        if block in self._evictable:
+            del self._evictable[block]
+        else:
+            self._shared[block] = self._shared.get(block, 0) + 1
         return block
 
-    def _take_empty(self, n: int) -> list[_Block]:
+    def _take_empty(self, n: int) -> list[int]:
         """`n` free blocks for fresh content, each held once: the last freed empty ones
         first, then unused ones, then the least recently freed cached ones (evicted)."""
         empty = self._empty
+        if n == 1 and empty:
+            return [empty.pop()]
         k = min(n, len(empty))
         taken = empty[len(empty) - k:]
         del empty[len(empty) - k:]
         taken.reverse()  # as popping them one by one would
-        for block in taken:
-            block.ref_count = 1
         fresh = min(n - k, self.num_blocks - self._unused)
         if fresh:
-            taken += [_Block(i, 1) for i in range(self._unused, self._unused + fresh)]
+            start = self._unused
+            taken += range(start, start + fresh)
             self._unused += fresh
-        evict, cached = self._evictable.popitem, self._cached
+        evict, cached, hash_of = self._evictable.popitem, self._cached, self._hash_of
         for _ in range(n - k - fresh):
-            block = evict(last=False)[1]
-            del cached[block.block_hash]
-            block.block_hash = None
-            block.ref_count = 1
+            block = evict(last=False)[0]
+            block_hash = hash_of.pop(block, None)
+            if block_hash is not None:  # else a deferred sequence's, never published
+                del cached[block_hash]
             taken.append(block)
         return taken
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from actors.engines.base import (
     EngineError,
@@ -27,7 +28,12 @@ from actors.engines.base import (
 from actors.engines.sim_core import SimScheduler, StepResult
 from actors.power.power_state import PowerState
 from actors.tokenizers import ByteTokenizer, TextStream, Tokenizer
+from policies.block_hash import block_hashes, extend_block_hashes
 from policies.perfmodel import StepTimeModel, TransformerSpec, gpu_spec
+
+if TYPE_CHECKING:  # the stores bring Ray, which a standalone sim engine does not need
+    from actors.engines.sim_kv import SimKV
+    from actors.kv_link import KVLink
 
 
 class _Stream:
@@ -121,6 +127,9 @@ class SimEngine:
             num_blocks = max(1, int(num_blocks * kv_scale)) if kv_scale else num_blocks
         self.model_name = model_name
         self.gpu_type = gpu_type
+        self.arch = arch
+        self._kv: SimKV | None = None  # the KV-cache stores, once attached
+        self._unsaved: dict[str, tuple[int, ...]] = {}  # request id -> its context's blocks, until prefilled
         self.time_scale = time_scale
         self.tokenizer = tokenizer or ByteTokenizer()
         # its GPUs' power setting and draw: steps are timed under the cap (same times uncapped)
@@ -159,7 +168,10 @@ class SimEngine:
             text = TextStream(self.tokenizer, request.sampling.stop, request.output_token_ids)
         except ValueError as exc:
             raise EngineError("bad_request", str(exc)) from exc
-        self.core.add(request)
+        if self._kv is None:
+            self.core.add(request)
+        else:
+            self._add_with_kv(request)
         stream = _Stream(request, text, self._clock())
         self._streams[request.request_id] = stream
         self._wakeup.set()
@@ -167,6 +179,32 @@ class SimEngine:
 
     async def abort(self, request_id: str) -> bool:
         return self._abort_now(request_id)
+
+    # ---- KV-cache stores -----------------------------------------------------------
+
+    def attach_kv_store(self, link: KVLink) -> None:
+        """Load missing blocks from the fleet's stores and save prefilled ones (see
+        `actors.engines.sim_kv`). Before `start`."""
+        if self._task is not None or self._kv is not None:
+            raise EngineError("bad_state", "attach_kv_store() must come once, before start()")
+        from actors.engines.sim_kv import SimKV
+
+        self._kv = SimKV(link, self.model_name, self.arch, self.core.blocks.block_size)
+        self.core.prefix_loader = self._kv.load
+
+    def _add_with_kv(self, request: GenerationRequest) -> None:
+        """Queue `request`, and fetch the blocks of its context the cache lacks."""
+        size = self.core.blocks.block_size
+        prompt = block_hashes(request.prompt_token_ids, size, self.model_name)
+        self.core.add(request, prompt)
+        context = extend_block_hashes(prompt, request.context_token_ids, size, self.model_name)
+        self._unsaved[request.request_id] = context
+        self._kv.prefetch(context, self.core.blocks.cached_prefix_blocks(context, len(request.context_token_ids)))
+
+    async def export_kv(self, request_id: str) -> tuple[int, ...]:
+        if self._kv is None:
+            raise EngineError("no_kv_store", "this engine has no KV-cache store attached")
+        return await self._kv.export(self.core.snapshot(request_id).block_hashes)
 
     def stats(self) -> EngineStats:
         self._sync_idle()
@@ -192,6 +230,8 @@ class SimEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._kv is not None:
+            await self._kv.close()
         self._fail_all(EngineError("shutdown", "the engine shut down"))
 
     # ---- streams -------------------------------------------------------------------
@@ -215,6 +255,7 @@ class SimEngine:
         return True
 
     def _close(self, request_id: str, reason: FinishReason) -> None:
+        self._unsaved.pop(request_id, None)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.end(reason)
@@ -240,6 +281,8 @@ class SimEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 await self._unpaused.wait()
+                if self._kv is not None:  # arrivals' blocks, fetched or not, within a bound
+                    await self._kv.settle()
                 self._sync_idle()
                 planned = self.core.schedule()
                 self._stepping = True
@@ -268,6 +311,8 @@ class SimEngine:
             if stream is not None:
                 stream.num_cached = admission.num_cached_tokens
         for token in result.tokens:
+            if self._kv is not None and token.request_id in self._unsaved:  # prefilled: share its blocks
+                self._kv.save(self._unsaved.pop(token.request_id))
             stream = self._streams.get(token.request_id)
             if stream is None:
                 continue

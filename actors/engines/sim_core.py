@@ -29,7 +29,10 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from actors.engines.base import (
     EngineError,
@@ -63,6 +66,14 @@ class VirtualTimer(StepTimer, Protocol):
         """(a, b) such that a decode step of `batch_size` sequences reading c context
         tokens in all takes a + b * c seconds for every c an engine can reach, or None
         when the model is not linear in c for that batch size."""
+
+
+class PrefixLoader(Protocol):
+    """A KV-cache store as the core sees it at admission (`actors.engines.sim_kv`)."""
+
+    def __call__(self, hashes: Sequence[int], first: int, limit: int) -> tuple[int, float]:
+        """(n, seconds): the store supplies blocks `hashes[first:first + n]`, n <= `limit`,
+        and moving them to the GPU takes `seconds` of simulated time."""
 
 
 class SeqStatus(enum.Enum):
@@ -136,19 +147,29 @@ class _Acc:
         self.preempted: list[tuple[str, float]] = []
 
     def progress(self) -> Progress:
+        if not self.steps:  # most calls (every poke between two steps' ends) complete nothing
+            return _NO_PROGRESS
         return Progress(self.steps, self.busy_s, self.tokens, tuple(self.admitted),
                         tuple(self.first_tokens), tuple(self.finished), tuple(self.preempted))
+
+
+_NO_PROGRESS = Progress(0, 0.0, 0, (), (), (), ())
 
 
 class _Run:
     """The decode steps, from the one in flight, whose batch stays the same (see `advance`):
     step j (from 0) of `batch_size` sequences reads `context + j * batch_size` tokens and
-    takes `a + b * context_j` seconds."""
+    takes `a + b * context_j` seconds; `ends[j]` is the clock when it ends, summed from
+    `start` one step after the other (numpy's cumsum adds in order, as a loop would)."""
 
-    __slots__ = ("a", "b", "batch_size", "context", "steps")
+    __slots__ = ("a", "b", "batch_size", "context", "ends", "next")
 
-    def __init__(self, steps: int, batch_size: int, context: int, a: float, b: float):
-        self.steps, self.batch_size, self.context, self.a, self.b = steps, batch_size, context, a, b
+    def __init__(self, steps: int, batch_size: int, context: int, a: float, b: float, start: float):
+        self.batch_size, self.a, self.b = batch_size, a, b
+        durations = a + b * (context + batch_size * np.arange(steps, dtype=np.int64)).astype(np.float64)
+        self.ends = np.cumsum(np.concatenate(([start], durations)))[1:]
+        self.next = 0  # the run's first step not completed yet (the one in flight)
+        self.context = context  # KV tokens that step reads
 
 
 class _Seq:
@@ -232,19 +253,33 @@ class SimScheduler:
         self._num_waiting = 0
         self._waiting_tokens = 0
         self._in_flight: tuple[ScheduledStep, list[tuple[_Seq, int]]] | None = None
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        # Output tokens of recent steps, for `tokens_per_s`: (end, tokens, None) per step, or
+        # (last end, tokens, step ends) for a decode run applied at once (virtual time).
+        self._recent: collections.deque[tuple[float, int, np.ndarray | None]] = collections.deque()
         self._recent_tokens = 0
         self._last_batch_size = 0
         self.finished_requests = 0
         self.aborted_requests = 0
+        self.preemptions = 0  # cumulative, see `_reserve`
         self._virtual = False  # see `use_virtual_time`
         self._run: _Run | None = None  # the decode run the step in flight begins (virtual time)
+        self._unique_prompts = False  # see `use_virtual_time`
+        self._published: set[str] = set()  # requests whose blocks were registered on leaving
+        # Optional: blocks a KV-cache store supplies at admission instead of prefill
+        self.prefix_loader: PrefixLoader | None = None
+        self.loaded_prompt_tokens = 0  # cumulative context tokens loaded through it
+        self._load_s = 0.0  # transfer seconds of the admissions of the step being scheduled
 
     # ---- requests ------------------------------------------------------------------
 
     @property
     def has_work(self) -> bool:
         return bool(self._running) or self._num_waiting > 0
+
+    @property
+    def stepping(self) -> bool:
+        """A step is scheduled and not completed yet."""
+        return self._in_flight is not None
 
     @property
     def num_running(self) -> int:
@@ -334,6 +369,8 @@ class SimScheduler:
             return False
         self._run = None
         if seq.status is SeqStatus.RUNNING:
+            if status is SeqStatus.ABORTED:
+                self._publish(seq)  # it may come back (a migration)
             self.blocks.free(request_id)
             self._running.remove(seq)
         else:
@@ -362,18 +399,22 @@ class SimScheduler:
         budget = self.max_num_batched_tokens
         batch: list[tuple[_Seq, int]] = []
         preempted: list[str] = []
+        running, try_reserve = self._running, self.blocks.try_reserve
         i = 0
-        while i < len(self._running) and budget > 0:
-            seq = self._running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._reserve(seq, n, preempted):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = seq.num_tokens - seq.num_computed
+            if n > budget:
+                n = budget
+            if not try_reserve(seq.rid, seq.num_computed + n) and not self._reserve(seq, n, preempted):
                 break  # it was the youngest left and got preempted itself
             batch.append((seq, n))
             budget -= n
             i += 1
         admitted = () if preempted else self._admit(budget, batch)
         shape = _shape(batch)
-        planned = ScheduledStep(self._step_time(shape), shape, len(batch), admitted,
+        load_s, self._load_s = self._load_s, 0.0
+        planned = ScheduledStep(self._step_time(shape) + load_s, shape, len(batch), admitted,
                                 tuple(preempted))
         self._in_flight = (planned, batch)
         return planned
@@ -409,16 +450,15 @@ class SimScheduler:
     def _reserve(self, seq: _Seq, n: int, preempted: list[str]) -> bool:
         """Slots for `n` more computed tokens of `seq`, preempting the youngest running
         sequences while none are free. False if `seq` itself was preempted."""
-        rid, blocks = seq.rid, self.blocks
-        extra = seq.num_computed + n - blocks.num_slots(rid)
-        if extra <= 0:
-            return True
-        while not blocks.try_append_slot(rid, extra):
+        rid, blocks, slots = seq.rid, self.blocks, seq.num_computed + n
+        while not blocks.try_reserve(rid, slots):
             victim = self._running.pop()
+            self._publish(victim)
             blocks.free(victim.rid)
             victim.preempt()
             self._enqueue(victim, front=True)
             preempted.append(victim.rid)
+            self.preemptions += 1
             if victim is seq:
                 return False
         return True
@@ -436,7 +476,10 @@ class SimScheduler:
                 break  # first come, first served: nobody overtakes the head
             self._waiting.popleft()
             self._dequeue(seq)
-            cached = self.blocks.allocate(rid, seq.hashes, seq.num_tokens).num_cached_tokens
+            deferred = self._unique_prompts and rid not in self._published
+            cached = self.blocks.allocate(rid, seq.hashes, seq.num_tokens, deferred).num_cached_tokens
+            if self.prefix_loader is not None:
+                cached += self._load_prefix(seq, cached)
             seq.start_running(cached)
             self._running.append(seq)
             n = min(seq.num_tokens - cached, budget)
@@ -444,6 +487,25 @@ class SimScheduler:
             budget -= n
             admitted.append(Admission(rid, cached))
         return tuple(admitted)
+
+    def _publish(self, seq: _Seq) -> None:
+        """`seq` is leaving its blocks and may come back: name them in the prefix cache."""
+        if self._unique_prompts:
+            self.blocks.publish(seq.rid, seq.hashes)
+            self._published.add(seq.rid)
+
+    def _load_prefix(self, seq: _Seq, cached: int) -> int:
+        """Context tokens after the `cached` ones whose KV the prefix loader supplies (the
+        last token is always computed); their transfer time joins this step's."""
+        block_size = self.blocks.block_size
+        first = cached // block_size
+        limit = (seq.num_tokens - 1) // block_size - first
+        if limit <= 0:
+            return 0
+        blocks, seconds = self.prefix_loader(seq.hashes, first, limit)
+        self._load_s += seconds
+        self.loaded_prompt_tokens += blocks * block_size
+        return blocks * block_size
 
     def _sample(self, seq: _Seq) -> EmittedToken:
         index = seq.num_tokens - seq.num_prompt
@@ -464,7 +526,7 @@ class SimScheduler:
 
     # ---- virtual time --------------------------------------------------------------
 
-    def use_virtual_time(self, timer: VirtualTimer) -> None:
+    def use_virtual_time(self, timer: VirtualTimer, unique_prompts: bool = False) -> None:
         """Make this (empty) scheduler a virtual-time one, for the cluster simulator.
 
         `timer` must time steps exactly as the current model does (a memoising wrapper of
@@ -472,11 +534,18 @@ class SimScheduler:
         the exact ids, from the same pure function), blocks they fill are named by
         `_output_block_name`, and the host drives steps with `advance` and
         `next_change_s` instead of `schedule`/`complete`.
+
+        `unique_prompts`: the host promises that no two requests' prompts share a block
+        hash (so only a request itself, coming back, can hit its blocks) and that it
+        reads no `cached_block_hashes`. A request's blocks are then registered only when
+        it leaves them and may come back (preempted, aborted), not block by block
+        (`BlockManager.allocate(deferred=True)`): the same schedule, for less work.
         """
         if self._seqs or self._in_flight is not None:
             raise ValueError("use_virtual_time() needs an empty scheduler")
         self.model = timer
         self._virtual = True
+        self._unique_prompts = unique_prompts
 
     def next_change_s(self) -> float | None:
         """Virtual time: start a step if there is work and none is in flight, and return
@@ -488,14 +557,9 @@ class SimScheduler:
             if not self.has_work:
                 return None
             self._start_step()
-        end = self.clock_s + self._in_flight[0].duration_s
-        run = self._run
-        if run is not None:
-            end, context = self.clock_s, run.context
-            for _ in range(run.steps):  # the same sums `_complete_run` makes
-                end += run.a + run.b * context
-                context += run.batch_size
-        return end
+        if self._run is not None:
+            return float(self._run.ends[-1])
+        return self.clock_s + self._in_flight[0].duration_s
 
     def advance(self, until_s: float) -> Progress:
         """Virtual time: complete every step that ends by `until_s` (clock seconds),
@@ -547,14 +611,17 @@ class SimScheduler:
         if line is None:
             return None
         # step j (from 1) emits token index (emitted + j - 1) over a context of (tokens + j - 1)
-        steps = min(min(s.max_tokens - (s.num_tokens - s.num_prompt), self.max_model_len - s.num_tokens)
-                    for s in self._running)
+        steps, max_len = self.max_model_len, self.max_model_len
+        for s in self._running:
+            left = min(s.max_tokens - s.num_tokens + s.num_prompt, max_len - s.num_tokens)
+            if left < steps:
+                steps = left
         if steps <= 1 or self._head_admissible(size):
             return None
         steps = min(steps, 1 + self._steps_with_free_blocks(steps - 1))
         if steps <= 1:
             return None
-        return _Run(steps, size, planned.shape.decode_context_tokens, *line)
+        return _Run(steps, size, planned.shape.decode_context_tokens, *line, start=self.clock_s)
 
     def _head_admissible(self, batch_size: int) -> bool:
         """Whether the next step could admit the head of the waiting queue. Free blocks
@@ -572,6 +639,8 @@ class SimScheduler:
         """How many decode steps after the one in flight (at most `limit`) the running
         sequences can take before one needs a block that is not free."""
         block_size, free = self.blocks.block_size, self.blocks.num_free_blocks
+        if len(self._running) * (limit // block_size + 1) <= free:
+            return limit  # room even if every sequence needed a block at once: no need to look
         spare = [0] * block_size  # sequences by free slots left in their last block
         for seq in self._running:
             slots = self.blocks.num_slots(seq.rid)
@@ -604,8 +673,11 @@ class SimScheduler:
             seq.num_computed = computed = before + n
             if computed // block_size > before // block_size:
                 self.blocks.cache_blocks(seq.rid, seq.hashes, computed)
-            if computed == seq.num_tokens:
-                index = self._count_output(seq)
+            if computed == seq.num_tokens:  # a token is due: count it, name a block it fills
+                index = computed - seq.num_prompt
+                seq.num_tokens = tokens = computed + 1
+                if tokens % block_size == 0:
+                    seq.hashes.append(_output_block_name(seq.hashes, seq.key, tokens // block_size - 1))
                 emitted += 1
                 if index == len(seq.request.output_token_ids):
                     acc.first_tokens.append((seq.rid, end))
@@ -623,20 +695,16 @@ class SimScheduler:
         """Complete the steps of the decode run that end by `until_s` (at least the one in
         flight), in one pass over the batch; leave the run's next step in flight."""
         run, (_, batch) = self._run, self._in_flight
-        size, a, b = run.batch_size, run.a, run.b
-        began = clock = self.clock_s
-        context, steps, ends = run.context, 0, []
-        while steps < run.steps:
-            end = clock + (a + b * context)  # as `next_change_s` sums them
-            if end > until_s:
-                break
-            clock, context, steps = end, context + size, steps + 1
-            ends.append(end)
-        self.clock_s, run.context = clock, context
-        self._recent.extend([(end, size) for end in ends])  # per step, as `complete()` counts
+        size, began, first = run.batch_size, self.clock_s, run.next
+        last = int(np.searchsorted(run.ends, until_s, side="right"))  # steps ending by until_s
+        steps = last - first
+        self.clock_s = clock = float(run.ends[last - 1])
+        run.next, run.context = last, run.context + size * steps
+        # one entry for all these steps; `_window_tokens` counts them step by step
+        self._recent.append((clock, size * steps, run.ends[first:last]))
         self._recent_tokens += size * steps
         self._count_tokens(0)
-        more = steps < run.steps
+        more = last < len(run.ends)
         blocks, block_size = self.blocks, self.blocks.block_size
         extra = steps - 1 + more  # slots beyond the ones the scheduled step reserved
         if extra:
@@ -645,15 +713,15 @@ class SimScheduler:
             before = seq.num_computed
             seq.num_computed = computed = before + steps
             seq.num_tokens += steps
-            hashes = seq.hashes
-            for index in range(len(hashes), seq.num_tokens // block_size):
-                hashes.append(_output_block_name(hashes, seq.key, index))
+            hashes, full = seq.hashes, seq.num_tokens // block_size
+            if full > len(hashes):
+                for index in range(len(hashes), full):
+                    hashes.append(_output_block_name(hashes, seq.key, index))
             if computed // block_size > before // block_size:
                 blocks.cache_blocks(seq.rid, hashes, computed)
         acc.steps, acc.busy_s, acc.tokens = acc.steps + steps, acc.busy_s + clock - began, acc.tokens + steps * size
         self._last_batch_size = size
         if more:
-            run.steps -= steps
             shape = BatchShape(decode_seqs=size, decode_context_tokens=run.context)
             self._in_flight = (ScheduledStep(run.a + run.b * run.context, shape, size, (), ()), batch)
             return
@@ -664,19 +732,6 @@ class SimScheduler:
         for rid in done:  # none when the run ended because blocks ran out
             self._end(rid, SeqStatus.FINISHED)
             acc.finished.append((rid, FinishReason.LENGTH, self.clock_s))
-
-    def _count_output(self, seq: _Seq) -> int:
-        """Virtual time: one more output token of `seq`, counted; returns its index."""
-        index = seq.num_tokens - seq.num_prompt
-        self._count_outputs(seq, 1)
-        return index
-
-    def _count_outputs(self, seq: _Seq, n: int) -> None:
-        """Virtual time: `n` more output tokens of `seq`, naming the blocks they fill."""
-        seq.num_tokens += n
-        hashes = seq.hashes
-        for index in range(len(hashes), seq.num_tokens // self.blocks.block_size):
-            hashes.append(_output_block_name(hashes, seq.key, index))
 
     # ---- load ----------------------------------------------------------------------
 
@@ -701,23 +756,36 @@ class SimScheduler:
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks,
             block_size=self.blocks.block_size,
-            tokens_per_s=self._recent_tokens / window if window > 0 else 0.0,
+            tokens_per_s=self._window_tokens() / window if window > 0 else 0.0,
             batch_size=self._last_batch_size,
-            computed_prompt_tokens=self.blocks.computed_prompt_tokens,
+            computed_prompt_tokens=self.blocks.computed_prompt_tokens - self.loaded_prompt_tokens,
             cached_prompt_tokens=self.blocks.cached_prompt_tokens,
+            loaded_prompt_tokens=self.loaded_prompt_tokens,
             finished_requests=self.finished_requests,
             aborted_requests=self.aborted_requests,
+            preemptions=self.preemptions,
             observed_at=observed_at,
             cached_block_hashes=self.blocks.cached_block_hashes() if cached_hashes else frozenset(),
         )
 
     def _count_tokens(self, n: int) -> None:
         if n:
-            self._recent.append((self.clock_s, n))
+            self._recent.append((self.clock_s, n, None))
             self._recent_tokens += n
         horizon = self.clock_s - self.rate_window_s
         while self._recent and self._recent[0][0] <= horizon:
             self._recent_tokens -= self._recent.popleft()[1]
+
+    def _window_tokens(self) -> int:
+        """Output tokens of the steps that ended within the last `rate_window_s`: those of
+        a decode run's entry that ended before the window are not counted."""
+        if not self._recent:
+            return 0
+        _, tokens, ends = self._recent[0]
+        if ends is None:
+            return self._recent_tokens
+        out = int(np.searchsorted(ends, self.clock_s - self.rate_window_s, side="right"))
+        return self._recent_tokens - tokens // len(ends) * out
 
 
 def _shape(batch: list[tuple[_Seq, int]]) -> BatchShape:
@@ -740,10 +808,16 @@ def _shape(batch: list[tuple[_Seq, int]]) -> BatchShape:
 
 def _token_key(request: GenerationRequest) -> int:
     """Per-request stream key from the seed and the prompt, never the request id."""
-    prompt = request.prompt_token_ids
-    digest = hashlib.blake2b(struct.pack(f"<{len(prompt)}I", *prompt), digest_size=8).digest()
     seed = request.sampling.seed or 0
-    return _mix(int.from_bytes(digest, "little") ^ _mix(seed & _MASK)) & _MASK
+    return _mix(_prompt_digest(request.prompt_token_ids) ^ _mix(seed & _MASK)) & _MASK
+
+
+@lru_cache(maxsize=4096)
+def _prompt_digest(prompt: tuple[int, ...]) -> int:
+    """64 bits of BLAKE2b of the prompt's ids. Memoised: a simulator's prompts are few
+    placeholder tuples, and hashing a tuple costs a fraction of packing and digesting it."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(prompt)}I", *prompt), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _token(key: int, index: int) -> int:

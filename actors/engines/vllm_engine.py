@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -52,8 +52,13 @@ from actors.engines.base import (
     TokenDelta,
     UnknownRequest,
 )
+from actors.engines.vllm_kv_stats import KVTransferCounter
 from actors.engines.vllm_stats import VllmStatsCollector
 from policies.block_hash import block_hashes, extend_block_hashes
+
+if TYPE_CHECKING:
+    from actors.engines.vllm_kv_frontend import KVFrontEnd
+    from actors.kv_link import KVLink
 
 # Engine arguments the constructor owns: overriding them through `engine_args` would
 # make the block hashes, the admission checks or the served name disagree with vLLM.
@@ -127,6 +132,7 @@ class VllmEngine:
         self.engine_args = dict(engine_args or {})
         self._llm: AsyncLLM | None = None
         self._collector = VllmStatsCollector()
+        self._kv: KVFrontEnd | None = None  # the fleet's KV-cache stores, once attached
         self._kv_blocks_total = 0
         self._live: dict[str, _Live] = {}
         self._recent_blocks: OrderedDict[int, None] = OrderedDict()  # LRU, newest last
@@ -151,7 +157,8 @@ class VllmEngine:
         # No local name for the engine: something in vLLM's start-up keeps this frame
         # alive, and a local would keep the engine alive past `shutdown`.
         self._llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, args, stat_loggers=[self._collector.logger_factory()]
+            AsyncLLM.from_engine_args, args,
+            stat_loggers=[self._collector.logger_factory()] + ([self._kv.counter.logger_factory()] if self._kv else []),
         )
         # vLLM reserves one block as its null block; the rest hold KV.
         blocks = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
@@ -176,10 +183,36 @@ class VllmEngine:
             "disable_log_stats": True,
         }
         fields.update(self.engine_args)
+        if self._kv is not None:
+            fields.update(self._kv.engine_args())
         try:
             return AsyncEngineArgs(**fields)
         except TypeError as exc:
             raise ValueError(f"engine_args has a field vLLM does not know: {exc}") from exc
+
+    # ------------------------------------------------------------------ KV-cache stores
+
+    def attach_kv_store(self, link: KVLink) -> None:
+        """Save computed prompt blocks to, and load missing ones from, the fleet's stores
+        through vLLM's KV-connector interface (`actors.engines.vllm_kv_frontend`)."""
+        if self._llm is not None or self._closed or self._kv is not None:
+            raise EngineError("bad_state", "attach_kv_store() must come once, before start()")
+        clashing = {"kv_transfer_config", "worker_extension_cls"}.intersection(self.engine_args)
+        if clashing:
+            raise ValueError(f"engine_args may not set {sorted(clashing)} with a KV store attached")
+        from actors.engines.vllm_kv_frontend import KVFrontEnd
+
+        self._kv = KVFrontEnd(link, self.model_name, self.block_size)
+
+    async def export_kv(self, request_id: str) -> tuple[int, ...]:
+        """Save the request's full blocks (prompt and output) to this node's store now."""
+        live = self._live.get(request_id)
+        if live is None:
+            raise UnknownRequest(request_id)
+        if self._kv is None:
+            raise EngineError("no_kv_store", "this engine has no KV-cache store attached")
+        saved = await self._require_llm().collective_rpc("flotilla_export_kv", args=(request_id,))
+        return tuple(saved[0]) if saved else ()
 
     async def pause(self) -> None:
         """vLLM's own pause, keeping requests and cache in place (used for hang drills)."""
@@ -223,9 +256,14 @@ class VllmEngine:
         live = self._live[request.request_id] = _Live(request, list(request.output_token_ids),
                                                       arrived_at=time.time())
         self._remember(live.context)
+        try:
+            kv_params = await self._kv.request_params(live.context) if self._kv else None
+        except BaseException:  # cancelled while asking the stores: nothing reached vLLM
+            self._end(live, None)
+            raise
         stream = llm.generate(
             TokensPrompt(prompt_token_ids=list(request.context_token_ids)),
-            self._sampling_params(request),
+            self._sampling_params(request, kv_params),
             request.request_id,
             priority=-request.priority,  # vLLM runs lower values first ("priority" policy)
         )
@@ -302,7 +340,8 @@ class VllmEngine:
         pending = len(self._live) + admitting - decoding
         return max(0, pending - (self.max_num_seqs - decoding))
 
-    def _sampling_params(self, request: GenerationRequest) -> SamplingParams:
+    def _sampling_params(self, request: GenerationRequest,
+                         kv_params: dict[str, Any] | None = None) -> SamplingParams:
         spec = request.sampling
         return SamplingParams(
             max_tokens=request.remaining_tokens,
@@ -313,6 +352,7 @@ class VllmEngine:
             stop=list(spec.stop) or None,
             ignore_eos=spec.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
 
     def _end(self, live: _Live, finish: FinishReason | None) -> None:
@@ -351,7 +391,7 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         """vLLM's last scheduler report plus this front end's counters (never blocks)."""
-        c = self._collector
+        c, kv = self._collector, self._kv.counter if self._kv else KVTransferCounter()
         return EngineStats(
             running=c.running,
             waiting=c.waiting,
@@ -362,8 +402,10 @@ class VllmEngine:
             block_size=self.block_size,
             tokens_per_s=c.tokens_per_s(),
             batch_size=c.batch_size,
-            computed_prompt_tokens=c.computed_prompt_tokens,
-            cached_prompt_tokens=c.cached_prompt_tokens,
+            # vLLM counts planned loads as cached; loads that failed were computed
+            computed_prompt_tokens=c.computed_prompt_tokens + kv.recomputed_tokens,
+            cached_prompt_tokens=max(0, c.cached_prompt_tokens - kv.planned_tokens),
+            loaded_prompt_tokens=kv.loaded_tokens,
             finished_requests=self._finished,
             aborted_requests=self._aborted,
             observed_at=time.time(),

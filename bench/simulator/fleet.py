@@ -11,8 +11,8 @@ once their last poll shows them empty.
 Nodes are `gpus_per_node` GPUs of one pool; a replica takes `gpus_per_replica` of one
 node (at least one), replacements land where there is room, else on a new node. A dead
 node never comes back. Cost and energy are counted per replica from launch to end:
-`gpus x price_per_gpu_hour`, and per GPU `tdp_watts` while stepping, `idle_watts`
-otherwise (an uncapped board; the power-capping issue refines this).
+`gpus x price_per_gpu_hour`, and per GPU what its steps drew under its power setting
+(`policies.power_model`, recorded by `bench.simulator.power`), `idle_watts` otherwise.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from dataclasses import dataclass
 from actors.engines import make_engine
 from actors.engines.base import RequestSnapshot
 from actors.engines.sim_core import Progress, SimScheduler
+from actors.power import ActionOutcome, PowerState
 from actors.replica_spec import ReplicaSpec
 from bench.simulator.events import EventLoop, Priority
+from bench.simulator.power import PowerKind, ReplicaPowerTimer
 from bench.simulator.replica import SimulatedReplica
-from bench.simulator.timing import LinearDecodeTimer
 from orchestrator.config import FleetConfig, PoolConfig
 from orchestrator.fleet_state import FleetState, ReplicaRecord
 from orchestrator.replica_manager import ReplicaManager, spec_for
 from orchestrator.view_builder import build_view
 from policies.fleet_view import FleetView, ReplicaState
 from policies.gpu_catalog import GPU_CATALOG
+from policies.power_snapshot import PowerAction
 
 
 @dataclass
@@ -59,9 +61,11 @@ class PoolUsage:
 class SimFleet:
     def __init__(self, config: FleetConfig, loop: EventLoop,
                  on_progress: Callable[[SimulatedReplica, Progress], None], *,
-                 start_s: float, gpus_per_node: int):
+                 start_s: float, gpus_per_node: int, unique_prompts: bool = False):
         self.config = config
         self.loop = loop
+        # no two requests share a block name and nobody reads cached hashes (`SimScheduler.use_virtual_time`)
+        self.unique_prompts = unique_prompts
         self.start_s = start_s
         self.gpus_per_node = gpus_per_node
         self.state = FleetState(retention_s=float("inf"))
@@ -72,7 +76,7 @@ class SimFleet:
         self._on_progress = on_progress
         self._launched = {p.name: 0 for p in config.pools}
         self._nodes_made = {p.name: 0 for p in config.pools}
-        self._timers: dict[tuple, LinearDecodeTimer] = {}
+        self._kinds: dict[tuple, PowerKind] = {}
         self._slo_classes = tuple(c.to_policy() for c in config.slo_classes)
         self._gpus = {p.name: p.gpus_per_replica for p in config.pools}
 
@@ -142,18 +146,36 @@ class SimFleet:
         node.alive = False
         return lost
 
+    def apply_power(self, replica_id: str, action: PowerAction) -> ActionOutcome:
+        """A power action on a live replica's GPUs now; its record then carries the new
+        setting, which the next published view's speeds follow."""
+        replica = self.replicas[self._record(replica_id).replica_id]
+        outcome = replica.apply_power(action)
+        replica.record.power_setting = replica.power.setting
+        return outcome
+
+    def draw_w(self) -> float:
+        """What every live replica's GPUs drew over the last control period, watts."""
+        total = 0.0
+        for record in self.state.live():
+            replica = self.replicas[record.replica_id]
+            replica.sync()
+            total += self._gpus_of(record.pool) * replica.power.draw_w()
+        return total
+
     def usage(self) -> tuple[PoolUsage, ...]:
         """Cost and energy per pool, from each replica's launch to its end (or now)."""
         rows = []
         for pool in self.config.pools:
             gpu = GPU_CATALOG[pool.gpu_type]
             gpus = max(1, pool.gpus_per_replica)
-            life = busy = 0.0
+            life = busy = busy_j = 0.0
             for replica in self.replicas.values():
                 if replica.record.pool == pool.name:
                     life += (replica.ended_at if replica.ended_at is not None else self.loop.now) - replica.created_at
                     busy += replica.busy_s
-            energy = gpus * (busy * gpu.tdp_watts + (life - busy) * gpu.idle_watts)
+                    busy_j += replica.timer.busy_j
+            energy = gpus * (busy_j + (life - busy) * gpu.idle_watts)
             rows.append(PoolUsage(pool.name, pool.gpu_type, gpus * life / 3600,
                                   gpus * life / 3600 * pool.price_per_hour, energy,
                                   busy / life if life > 0 else 0.0))
@@ -167,7 +189,8 @@ class SimFleet:
         spec = spec_for(self.config, pool, replica_id)
         record = ReplicaRecord(spec=spec, created_at=self.loop.now)
         self.state.add(record)
-        replica = SimulatedReplica(record, self._core(spec), self.loop, self._on_progress)
+        core, timer = self._core(spec)
+        replica = SimulatedReplica(record, core, self.loop, self._on_progress, timer)
         self.replicas[replica_id] = replica
         node = self._place(pool, replica_id)
         if ready:
@@ -190,15 +213,20 @@ class SimFleet:
         node.used -= self._gpus_of(record.pool)
         return snapshots
 
-    def _core(self, spec: ReplicaSpec) -> SimScheduler:
-        """The scheduler a live replica of `spec` runs, switched to virtual time."""
-        core = make_engine(spec).core
+    def _core(self, spec: ReplicaSpec) -> tuple[SimScheduler, ReplicaPowerTimer]:
+        """The scheduler a live replica of `spec` runs, switched to virtual time, stepping
+        under its own GPUs' power state (its draw read as the average over the control
+        period up to the simulation's present)."""
+        engine = make_engine(spec)
+        core, model = engine.core, engine.power.model
         key = (spec.gpu_type, spec.arch, spec.max_model_len)
-        timer = self._timers.get(key)
-        if timer is None:
-            timer = self._timers[key] = LinearDecodeTimer(core.model, spec.max_model_len)
-        core.use_virtual_time(timer)
-        return core
+        kind = self._kinds.get(key)
+        if kind is None:
+            kind = self._kinds[key] = PowerKind(model, spec.max_model_len)
+        state = PowerState(model, clock=lambda: self.loop.now, window_s=self.config.controller.control_period_s)
+        timer = ReplicaPowerTimer(kind, state, lambda: core.clock_s)
+        core.use_virtual_time(timer, self.unique_prompts)
+        return core, timer
 
     def _place(self, pool: PoolConfig, replica_id: str) -> str:
         need = self._gpus_of(pool.name)
@@ -222,5 +250,6 @@ class SimFleet:
         return record
 
     @property
-    def timers(self) -> tuple[LinearDecodeTimer, ...]:
-        return tuple(self._timers.values())
+    def timers(self) -> tuple[PowerKind, ...]:
+        """One per replica kind; `model_calls` counts their performance-model evaluations."""
+        return tuple(self._kinds.values())

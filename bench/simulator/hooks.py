@@ -9,19 +9,20 @@ first in the simulator and are then handed to every hook's `on_event`.
 
 A hook is a thin adapter: build the policy's frozen input from the tick, call the pure
 policy in `policies/`, carry its decision out with `actions`. Adding a policy is one
-class here (or in its own module) and one line in `HOOKS`, for example:
+class in its own module, registered in `HOOKS` by name and imported in the package's
+`__init__` (`bench.simulator.migration` and `bench.simulator.power_hook` are two, about
+60 lines each); a scenario then lists `hooks: [{name: migration, settings: {...}}]`.
+The shape of one:
 
     class MigrationHook:
-        observes_requests = True  # the policy reads each replica's requests
-        def __init__(self, settings, fleet): self.policy = MigrationPolicy(**settings)
+        observes_requests = True  # polls carry each replica's requests (tick.requests())
+        def __init__(self, settings, fleet_config): ...
         def on_tick(self, tick, actions):
-            for move in self.policy.decide(tick.view, tick.requests(), tick.now).moves:
-                actions.migrate(move.request_id, move.to_replica)
-        def on_event(self, event, tick, actions): pass
+            for decision in plan_migrations(tick.view, ...).decisions:
+                actions.migrate(decision.request_id, decision.target)
+        def on_event(self, event, tick, actions): ...
 
     HOOKS["migration"] = MigrationHook
-
-and a scenario then lists `hooks: [{name: migration, settings: {...}}]`.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from actors.engines.base import RequestStatus
+from actors.power import ActionOutcome, PowerReading
 from orchestrator.config import FleetConfig
 from orchestrator.fleet_state import FleetState
 from policies.fleet_view import FleetView
+from policies.power_snapshot import PowerAction
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class Actions(Protocol):
 
     def drain(self, replica_id: str) -> None:
         """Stop sending a replica new requests; it stops once empty."""
+
+    def read_power(self, replica_id: str) -> tuple[PowerReading, ...]:
+        """A serving replica's GPUs now: draw over the last control period, limit, clocks."""
+
+    def apply_power(self, action: PowerAction) -> ActionOutcome:
+        """Carry out a power action on a live replica's GPUs; its steps slow from the next on."""
 
 
 class ControlHook(Protocol):

@@ -179,6 +179,8 @@ class SimIngress:
                 or to_replica == flight.replica_id or dest.record.state is not ReplicaState.READY:
             return False
         source = self.fleet.replicas[flight.replica_id]
+        if not source.alive:  # it died: the stream is already being resumed
+            return False
         source.sync()
         if request_id not in self.flights:  # it finished just now
             return False

@@ -56,6 +56,7 @@ def summarize(result: SimResult) -> dict[str, Any]:
                         "resumes": int(book.column("resumes").sum()),
                         "faults": [_fault(f) for f in result.faults]},
         "simulator": _perf(result),
+        "power": _power(result),
     }
 
 
@@ -92,10 +93,40 @@ def _fault(fault) -> dict[str, Any]:
             "pools_restored_after_s": None if fault.restored_at is None else fault.restored_at - d.at}
 
 
+def _power(result: SimResult) -> dict[str, Any] | None:
+    """The fleet's draw against its cluster budget, from the control ticks' samples: each
+    is the draw averaged over the control period before it. An episode above the budget
+    lasts from its first sample over to the first one back under; beyond the first period
+    of each is what a power controller acting once per period could have prevented."""
+    samples = [s for s in result.samples if s.power_w is not None]
+    if not samples:
+        return None
+    period = result.scenario.fleet.controller.control_period_s
+    draw = np.array([s.power_w for s in samples])
+    budget = np.array([np.inf if s.budget_w is None else s.budget_w for s in samples])
+    over = draw > budget
+    episodes, run = [], 0
+    for above in over:
+        if above:
+            run += 1
+        elif run:
+            episodes, run = episodes + [run * period], 0
+    episodes += [run * period] if run else []
+    finite = np.isfinite(budget)
+    return {"budget_w": float(budget[finite][-1]) if finite.any() else None,
+            "peak_w": float(draw.max()), "mean_w": float(draw.mean()), "p99_w": float(np.percentile(draw, 99)),
+            "peak_over_budget": float((draw[finite] / budget[finite]).max()) if finite.any() else None,
+            "time_above_budget_s": float(over.sum() * period), "episodes_above_budget": len(episodes),
+            "longest_above_budget_s": max(episodes, default=0.0),
+            "above_budget_beyond_one_period_s": float(sum(max(0.0, e - period) for e in episodes))}
+
+
 def _perf(result: SimResult) -> dict[str, Any]:
     p = result.perf
-    return {"wall_s": p.wall_s, "virtual_s": p.virtual_s, "speedup_vs_real_time": p.speedup,
-            "events": p.events, "events_per_s": p.events_per_s, "engine_steps": p.steps,
+    return {"wall_s": p.wall_s, "cpu_s": p.cpu_s, "virtual_s": p.virtual_s, "speedup_vs_real_time": p.speedup,
+            "cpu_speedup_vs_real_time": p.cpu_speedup,
+            "events": p.events, "events_per_s": p.events_per_s,
+            "events_per_cpu_s": p.events / p.cpu_s if p.cpu_s > 0 else 0.0, "engine_steps": p.steps,
             "model_calls": p.model_calls, "peak_rss_mib": p.peak_rss_mib, "replicas": p.replicas}
 
 
@@ -116,8 +147,14 @@ def headline(summary: dict[str, Any]) -> str:
         f"  SLO attainment {summary['slo']['all']:.1%}   prefix hit {summary['prefix_cache_hit']:.1%}   "
         f"${cost['usd']:.2f} ({cost['usd_per_million_output_tokens'] or 0:.2f}/Mtok)   "
         f"{summary['energy']['kwh']:.2f} kWh",
-        f"  simulator: {sim['wall_s']:.1f}s wall for {sim['virtual_s']:.0f}s virtual "
-        f"({sim['speedup_vs_real_time']:.0f}x real time), {sim['events']} events "
-        f"({sim['events_per_s']:.0f}/s), peak RSS {sim['peak_rss_mib']:.0f} MiB",
+        f"  simulator: {sim['virtual_s']:.0f}s virtual in {sim['wall_s']:.1f}s wall "
+        f"({sim['speedup_vs_real_time']:.0f}x "
+        f"real time), {sim['cpu_s']:.1f}s CPU ({sim['cpu_speedup_vs_real_time']:.0f}x); {sim['events']} events "
+        f"({sim['events_per_cpu_s']:.0f}/CPU-s); peak RSS {sim['peak_rss_mib']:.0f} MiB",
     ]
+    power = summary.get("power")
+    if power and power["budget_w"] is not None:
+        lines.append(f"  power: peak {power['peak_w']:.0f} W, mean {power['mean_w']:.0f} W of a "
+                     f"{power['budget_w']:.0f} W budget; above it {power['time_above_budget_s']:.1f}s in "
+                     f"{power['episodes_above_budget']} episodes (longest {power['longest_above_budget_s']:.1f}s)")
     return "\n".join(lines)

@@ -4,7 +4,8 @@
 - `timeline.png`: requests in flight, running batch, queue and fleet tokens/s over
   time, from the control ticks;
 - `summary.png`: bars of p99 TTFT, p99 TPOT, SLO attainment and $ per million output
-  tokens per variant.
+  tokens per variant;
+- `power.png` (when the fleet's draw is tracked): its draw against the power budget.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def _pyplot():
 
 def plot_all(results: Sequence[SimResult], summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    return [latency_cdfs(results, out / "latency.png"), timeline(results, out / "timeline.png"),
-            summary_bars(summaries, out / "summary.png")]
+    written = [latency_cdfs(results, out / "latency.png"), timeline(results, out / "timeline.png"),
+               summary_bars(summaries, out / "summary.png")]
+    if any(s.power_w is not None for r in results for s in r.samples):
+        written.append(power_timeline(results, out / "power.png"))
+    return written
 
 
 def latency_cdfs(results: Sequence[SimResult], path: Path) -> Path:
@@ -71,6 +75,26 @@ def timeline(results: Sequence[SimResult], path: Path) -> Path:
         ax.set(xlabel="virtual time (s)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{results[0].scenario.name}: fleet over time (red: faults)")
+    return _save(fig, plt, path)
+
+
+def power_timeline(results: Sequence[SimResult], path: Path) -> Path:
+    """The fleet's draw (averaged over each control period) against its budget."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    budget_drawn = False
+    for result in results:
+        samples = [s for s in result.samples if s.power_w is not None]
+        t = np.array([s.t for s in samples])
+        ax.plot(t, np.array([s.power_w for s in samples]) / 1e3, label=result.variant, lw=0.8)
+        budget = [np.nan if s.budget_w is None else s.budget_w / 1e3 for s in samples]
+        if not budget_drawn and not np.all(np.isnan(budget)):
+            ax.plot(t, budget, color="black", ls="--", lw=1.2, label="budget")
+            budget_drawn = True
+    ax.set(xlabel="virtual time (s)", ylabel="GPU power (kW)",
+           title=f"{results[0].scenario.name}: fleet power against its budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
 

@@ -8,7 +8,10 @@ until the scheduler's next visible change (`SimScheduler.next_change_s`); whatev
 touches it (a request, an abort, a stats poll, a fault) first brings the scheduler
 up to now (`sync`), then acts, then lets it plan again.
 
-What its steps did goes to `on_progress(replica, progress)`, in virtual seconds.
+What its steps did goes to `on_progress(replica, progress)`, in virtual seconds. Its
+GPUs' power setting and draw live in `power` (a `PowerState`, read and set through a
+`SimPowerBackend` as the live replica's are); `timer` times its steps under that setting
+and records what they drew (`bench.simulator.power`).
 """
 
 from __future__ import annotations
@@ -18,18 +21,24 @@ from dataclasses import replace
 
 from actors.engines.base import EngineStats, GenerationRequest, RequestSnapshot, RequestStatus
 from actors.engines.sim_core import Progress, SimScheduler
+from actors.power import ActionOutcome, PowerReading, SimPowerBackend, apply_action
 from bench.simulator.events import Event, EventLoop, Priority
+from bench.simulator.power import ReplicaPowerTimer
 from orchestrator.fleet_state import ReplicaRecord
+from policies.power_snapshot import PowerAction
 
 
 class SimulatedReplica:
     """A replica's scheduler stepped by events. Times are virtual seconds."""
 
     def __init__(self, record: ReplicaRecord, core: SimScheduler, loop: EventLoop,
-                 on_progress: Callable[[SimulatedReplica, Progress], None]):
+                 on_progress: Callable[[SimulatedReplica, Progress], None], timer: ReplicaPowerTimer):
         self.record = record
         self.core = core
         self.loop = loop
+        self.timer = timer
+        self.power = timer.state
+        self._backend = SimPowerBackend(timer.state, clock=lambda: loop.now)
         self._on_progress = on_progress
         self._wake: Event | None = None
         self.held: dict[str, float] = {}  # request id -> when it was submitted here
@@ -57,14 +66,14 @@ class SimulatedReplica:
         self.sync()
         self.core.add(request, prompt_hashes)
         self.held[request.request_id] = self.loop.now
-        self._kick()
+        self._changed()
 
     def abort(self, request_id: str) -> bool:
         """Drop a request held here (False if it is not here)."""
         self.sync()
         self.held.pop(request_id, None)
         dropped = self.core.abort(request_id)
-        self._kick()
+        self._changed()
         return dropped
 
     def snapshot(self, request_id: str) -> RequestSnapshot:
@@ -78,6 +87,21 @@ class SimulatedReplica:
         if not with_requests:
             return stats
         return replace(stats, requests=tuple(self._status(rid, at) for rid, at in self.held.items()))
+
+    def read_power(self) -> tuple[PowerReading, ...]:
+        """Each GPU's draw (over the last window of the clock), limit and clock now."""
+        self.sync()
+        return tuple(self._backend.read(gpu) for gpu in self._backend.gpus())
+
+    def apply_power(self, action: PowerAction) -> ActionOutcome:
+        """Carry out a power action on every GPU now; steps after the one in flight run
+        under the new setting (a decode run planned under the old one is dropped)."""
+        self.sync()
+        outcome = apply_action(self._backend, self._backend.gpus(), action)
+        if outcome.ok:
+            self.core.replan()
+            self._kick()
+        return outcome
 
     def end(self) -> tuple[RequestSnapshot, ...]:
         """Stop stepping (death or shutdown) now; returns what it held, as the ingress
@@ -98,6 +122,7 @@ class SimulatedReplica:
         if not self.alive:
             return
         progress = self.core.advance(self.loop.now)
+        self.timer.account(progress, working=self.core.has_work, now=self.loop.now)
         if progress.steps == 0:
             return
         self.busy_s += progress.busy_s
@@ -107,6 +132,20 @@ class SimulatedReplica:
         for rid, _, _ in progress.finished:
             self.held.pop(rid, None)
         self._on_progress(self, progress)
+
+    def _changed(self) -> None:
+        """Its queue changed now. With a step in flight nothing starts before that step
+        ends, so wake then (a decode run the change cut short ends there); idle, start a
+        step once every event of this instant has landed."""
+        if not self.core.stepping:
+            self._kick()
+            return
+        when = self.core.next_change_s()
+        if self._wake is not None:
+            if self._wake.time == when:
+                return
+            self._wake.cancel()
+        self._wake = self.loop.at(when, self._on_wake, Priority.REPLICA)
 
     def _kick(self) -> None:
         """Plan again once every event of this instant has landed (REPLICA priority)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.engines.sim_core import Progress
+from actors.power import ActionOutcome, PowerReading
 from bench.simulator.baselines import scorers_for
 from bench.simulator.events import EventLoop, Priority
 from bench.simulator.fleet import PoolUsage, SimFleet
@@ -33,6 +34,7 @@ from bench.simulator.routers import RouterPool
 from bench.simulator.scenario import Scenario, ScenarioError, TimelineEvent
 from bench.simulator.workload import Arrival, LogNormal, PrefixGroups, SyntheticWorkload, TraceWorkload
 from policies.fleet_view import FleetView, ReplicaState
+from policies.power_snapshot import PowerAction
 from policies.routing import Router
 
 
@@ -47,6 +49,8 @@ class Sample:
     kv_usage: float  # mean over serving replicas, in [0, 1]
     tokens_per_s: float  # output tokens per second, fleet-wide
     in_flight: int  # requests the ingress holds (queued for admission included)
+    power_w: float | None = None  # the fleet's GPUs' draw over the last control period (when tracked)
+    budget_w: float | None = None  # the cluster power budget in force
 
 
 @dataclass
@@ -65,6 +69,7 @@ class SimPerf:
     """How the simulator itself ran (wall-clock seconds, this machine)."""
 
     wall_s: float
+    cpu_s: float  # this process's CPU time over the run (the machine may be shared)
     events: int
     virtual_s: float
     steps: int  # engine steps simulated
@@ -80,6 +85,11 @@ class SimPerf:
     def speedup(self) -> float:
         """Virtual seconds simulated per wall second."""
         return self.virtual_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def cpu_speedup(self) -> float:
+        """Virtual seconds simulated per CPU second (what the run would reach alone on a core)."""
+        return self.virtual_s / self.cpu_s if self.cpu_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -110,9 +120,13 @@ class Simulation:
                         scorers=scorers_for(np.random.default_rng([seed, 1])))
         self.routers = RouterPool(self.loop, router, config.routing.agents,
                                   config.routing.share_interval_s, config.routing.booking_ttl_s)
+        self._cached_hashes = routing.weights.get("prefix", 0) > 0
+        # Without shared prefixes every prompt block is the request's own; then, unless
+        # the prefix scorer reads the engines' caches, they may name blocks lazily.
+        unique = scenario.workload.prefixes is None and not self._cached_hashes
         self.fleet = SimFleet(config, self.loop, self._on_progress,
                               start_s=scenario.simulation.replica_start_s,
-                              gpus_per_node=scenario.simulation.gpus_per_node)
+                              gpus_per_node=scenario.simulation.gpus_per_node, unique_prompts=unique)
         namers = {m.name: PromptNamer(m.name, m.block_size) for m in config.models}
         self.ingress = SimIngress(self.loop, self.fleet, self.routers, namers, self.records,
                                   admission_timeout_s=config.server.admission_timeout_s,
@@ -120,9 +134,11 @@ class Simulation:
                                   max_resumes=scenario.simulation.max_resumes)
         self.workload = build_workload(scenario, np.random.default_rng([seed, 0]))
         self.hooks = [HOOKS[h.name](h.settings, config) for h in scenario.hooks] + list(hooks)
-        self._cached_hashes = routing.weights.get("prefix", 0) > 0
         self._requests = any(h.observes_requests for h in self.hooks)
         self._arrivals = iter(self.workload.arrivals())
+        self.budget_w = config.power.cluster_budget_w  # power events may change it
+        self._power = (self.budget_w is not None or any(e.power for e in scenario.timeline)
+                       or any(h.name == "power" for h in scenario.hooks))  # sample the fleet's draw
         self._exhausted = False
         self._version = 0
         self._tick_state: Tick | None = None
@@ -133,7 +149,7 @@ class Simulation:
         self.actions = _Actions(self)
 
     def run(self) -> SimResult:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         self.fleet.start()
         self.loop.at(0.0, self._tick, Priority.CONTROL)
         for event in self.scenario.timeline:
@@ -144,9 +160,9 @@ class Simulation:
         self.routers.stop_sharing()
         for replica in self.fleet.replicas.values():
             replica.sync()
-        wall = time.perf_counter() - began
+        wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
         replicas = self.fleet.replicas.values()
-        perf = SimPerf(wall, self.loop.handled, self.loop.now, sum(r.steps for r in replicas),
+        perf = SimPerf(wall, cpu, self.loop.handled, self.loop.now, sum(r.steps for r in replicas),
                        sum(t.model_calls for t in self.fleet.timers),
                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(replicas))
         return SimResult(self.scenario, self.variant, self.records, tuple(self.samples),
@@ -197,7 +213,8 @@ class Simulation:
         return Sample(self.loop.now, sum(r.state is ReplicaState.READY for r in serving),
                       sum(r.running for r in serving), sum(r.waiting for r in serving),
                       float(np.mean([r.kv_usage for r in serving])) if serving else 0.0,
-                      sum(r.tokens_per_s for r in serving), self.ingress.in_flight)
+                      sum(r.tokens_per_s for r in serving), self.ingress.in_flight,
+                      self.fleet.draw_w() if self._power else None, self.budget_w)
 
     def _check_restored(self) -> None:
         for fault in self.faults:
@@ -218,6 +235,8 @@ class Simulation:
                 self.fleet.set_desired(event.set_replicas.pool, event.set_replicas.replicas)
             elif event.drain is not None:
                 self.fleet.drain(event.drain)
+            elif event.power is not None and event.power.budget_watts is not None:
+                self.budget_w = event.power.budget_watts  # what the hooks defend from now on
         except (KeyError, ValueError) as e:
             raise ScenarioError(f"timeline event at {event.at}s ({event.kind}): {e}") from None
         if self._tick_state is not None:
@@ -256,6 +275,12 @@ class _Actions:
     def drain(self, replica_id: str) -> None:
         self._sim.fleet.drain(replica_id)
 
+    def read_power(self, replica_id: str) -> tuple[PowerReading, ...]:
+        return self._sim.fleet.replicas[replica_id].read_power()
+
+    def apply_power(self, action: PowerAction) -> ActionOutcome:
+        return self._sim.fleet.apply_power(action.replica_id, action)
+
 
 def build_workload(scenario: Scenario, rng: np.random.Generator) -> TraceWorkload | SyntheticWorkload:
     """The scenario's workload source, seeded with `rng`."""
@@ -274,7 +299,10 @@ def build_workload(scenario: Scenario, rng: np.random.Generator) -> TraceWorkloa
         return TraceWorkload(t.name, window_s=t.window_s, speedup=t.speedup,
                              max_requests=t.max_requests, duration_s=t.duration_s, **common)
     s = w.synthetic
-    law = (lambda c: LogNormal(c.median, c.sigma, c.max) if c is not None else None)
+
+    def law(c):
+        return LogNormal(c.median, c.sigma, c.max) if c is not None else None
+
     return SyntheticWorkload(s.rate, duration_s=s.duration_s, max_requests=s.max_requests,
                              burst_every_s=s.burst_every_s, burst_s=s.burst_s,
                              burst_factor=s.burst_factor, lengths_trace=s.lengths_trace,

@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
 from orchestrator.admin.audit import audit_mutations
@@ -31,6 +31,10 @@ from orchestrator.api_errors import field_path
 from orchestrator.controller_client import ControllerUnavailable
 from orchestrator.errors import NotFound, OperationError
 from orchestrator.fleet_status import FaultView, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.placement_planner import MAX_RATE_SCALE
+from orchestrator.placement_status import PlacementReport
+from orchestrator.power_status import BudgetStatus, PowerCapStatus, PowerStatus
+from orchestrator.store_manager import KVStoreStatus
 from policies.scorers import SCORERS
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -85,8 +89,47 @@ class InjectedFault(BaseModel):
     done: str
 
 
+class ApplyPlacementBody(_Body):
+    rate_scale: float = Field(default=1.0, ge=0, le=MAX_RATE_SCALE)  # plan for this multiple of the observed rates
+
+
+# a what-if bucket of traffic: MODEL:PROMPT_TOKENS:OUTPUT_TOKENS:REQUESTS_PER_SECOND
+RATE_PATTERN = r"^[A-Za-z0-9._\-/]+:[0-9]{1,7}:[0-9]{1,7}:[0-9]{1,6}(\.[0-9]{1,6})?$"
+RateText = Annotated[str, StringConstraints(pattern=RATE_PATTERN, max_length=160)]
+RateScale = Annotated[float, Query(ge=0, le=MAX_RATE_SCALE, description="multiply every rate planned for")]
+Rates = Annotated[list[RateText] | None, Query(max_length=64, description=(
+    "what-if traffic replacing the observed workload of each model it names, "
+    "MODEL:PROMPT_TOKENS:OUTPUT_TOKENS:REQUESTS_PER_SECOND (repeat for several buckets)"))]
+
+
+def _rates(texts: list[str] | None) -> tuple[tuple[str, int, int, float], ...]:
+    out = []
+    for text in texts or ():
+        model, prompt, output, rate = text.rsplit(":", 3)
+        out.append((model, int(prompt), int(output), float(rate)))
+    return tuple(out)
+
+
 class ScaleBody(_Body):
     replicas: Annotated[int, BeforeValidator(_integral)] = Field(ge=0)
+
+
+class ClusterBudgetBody(_Body):
+    watts: float = Field(gt=0)  # the whole fleet's budget, watts
+    kind: Literal["cluster"] = "cluster"
+
+
+class ScopedBudgetBody(_Body):
+    watts: float = Field(gt=0)  # the budget of the row or node, watts
+    kind: Literal["row", "node"]
+    name: str = Field(min_length=1)  # the row (its node label's value) or the node id
+
+
+BudgetBody = ClusterBudgetBody | ScopedBudgetBody
+
+
+class PowerCapBody(_Body):
+    watts: float = Field(gt=0)  # the power limit of each of the replica's GPUs, watts
 
 
 ScorerName = Literal[tuple(SCORERS)]  # type: ignore[valid-type]
@@ -209,6 +252,13 @@ def build_admin_app() -> FastAPI:
         """Drain a replica: no new requests, stopped once empty; `replace` starts a replacement."""
         return await b.drain_replica(replica_id, (body or DrainBody()).replace, key)
 
+    @app.get("/kvstores", dependencies=[Viewer], response_model=list[KVStoreStatus], tags=["kvstores"])
+    async def kvstores(b: Backend) -> list[KVStoreStatus]:
+        """KV-cache stores, one per node: capacity, bytes and blocks held (memory, disk), hits, misses, hit rate.
+
+        Also pinned blocks, evictions, corrupt blocks dropped, bytes saved and loaded, and restarts."""
+        return list(await b.kv_stores())
+
     @app.get("/requests", dependencies=[Viewer], response_model=list[RequestView], tags=["requests"])
     async def requests(b: Backend, replica: str | None = None) -> list[RequestView]:
         """Requests in flight: replica, tokens so far, priority, SLO class, age."""
@@ -235,6 +285,55 @@ def build_admin_app() -> FastAPI:
     async def inject(body: FaultInjection, b: Backend, key: IdempotencyKey = None) -> InjectedFault:
         """A drill: kill or hang a replica, or crash a router agent; detection and recovery do the rest."""
         return InjectedFault(done=await b.inject_fault(body.kind, body.target, key))
+
+    @app.get("/power", dependencies=[Viewer], response_model=PowerStatus, tags=["power"])
+    async def power(b: Backend) -> PowerStatus:
+        """Power per GPU (replica, draw, cap, headroom, clocks), per budget (draw vs budget) and the policy's level."""
+        return await b.power()
+
+    @app.get("/power/budget", dependencies=[Viewer], response_model=list[BudgetStatus], tags=["power"])
+    async def power_budget(b: Backend) -> list[BudgetStatus]:
+        """The power budgets (config and operator), what the replicas under each draw, and the level defending it."""
+        return list(await b.power_budget())
+
+    @app.put("/power/budget", dependencies=[Operator], response_model=BudgetStatus, tags=["power"])
+    async def set_power_budget(body: BudgetBody, b: Backend, key: IdempotencyKey = None) -> BudgetStatus:
+        """Set a power budget (the cluster's, a row's or a node's); 409 when the GPUs under it now cannot fit it."""
+        name = body.name if isinstance(body, ScopedBudgetBody) else ""
+        return await b.set_power_budget(body.kind, name, body.watts, key)
+
+    @app.put("/replicas/{replica_id}/power-cap", dependencies=[Operator], response_model=PowerCapStatus,
+             tags=["power"])
+    async def pin_power_cap(replica_id: str, body: PowerCapBody, b: Backend,
+                            key: IdempotencyKey = None) -> PowerCapStatus:
+        """Pin a replica's GPUs to a power limit, over the policy's; refused outside the GPU's supported range."""
+        return await b.set_power_cap(replica_id, body.watts, key)
+
+    @app.delete("/replicas/{replica_id}/power-cap", dependencies=[Operator], response_model=PowerCapStatus,
+                tags=["power"])
+    async def unpin_power_cap(replica_id: str, b: Backend, key: IdempotencyKey = None) -> PowerCapStatus:
+        """Remove an operator's power cap from a replica; the policy decides its GPUs' limits again."""
+        return await b.set_power_cap(replica_id, None, key)
+
+    @app.get("/placement/plan", dependencies=[Viewer], response_model=PlacementReport, tags=["placement"])
+    async def placement_plan(b: Backend, rate_scale: RateScale = 1.0, rate: Rates = None) -> PlacementReport:
+        """A dry run of the cost-aware GPU mix for the observed or a what-if workload, why, and what re-planning does.
+
+        The report holds the plan (replicas per pool, cost), each bucket's assignment with its reason, the binding
+        constraints, where the replicas go on the nodes, and the re-planning decision with its order. No feasible
+        plan: 409 naming the bucket or constraint that fails; a rate for a model not served: 404.
+        """
+        return await b.placement_plan(rate_scale, _rates(rate))
+
+    @app.post("/placement/apply", dependencies=[Operator], response_model=PlacementReport, tags=["placement"])
+    async def apply_placement(b: Backend, body: ApplyPlacementBody | None = None,
+                              key: IdempotencyKey = None) -> PlacementReport:
+        """Move the fleet to the current plan now, skipping dwell and hysteresis: scale-outs first, then drains.
+
+        The drains wait until the new replicas are ready; their requests move off or finish. 409 while a move is
+        under way, or when no plan is feasible (naming why).
+        """
+        return await b.apply_placement((body or ApplyPlacementBody()).rate_scale, key)
 
     @app.get("/config", dependencies=[Viewer], tags=["config"])
     async def config(b: Backend) -> dict[str, Any]:

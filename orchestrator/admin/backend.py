@@ -20,11 +20,15 @@ from orchestrator.fleet_status import (
     PoolStatus,
     ReplicaStatus,
 )
+from orchestrator.placement_status import PlacementReport
+from orchestrator.power_status import BudgetStatus, PowerCapStatus, PowerStatus
+from orchestrator.store_manager import KVStoreStatus
 
 
 class AdminBackend(Protocol):
     async def status(self) -> FleetStatus: ...
     async def in_flight(self) -> tuple[InFlightRequest, ...]: ...
+    async def kv_stores(self) -> tuple[KVStoreStatus, ...]: ...
     async def config(self) -> FleetConfig: ...
     async def drain_replica(self, replica_id: str, replace: bool, key: str | None = None) -> ReplicaStatus: ...
     async def cordon_node(self, node_id: str, drain: bool, key: str | None = None) -> NodeStatus: ...
@@ -35,6 +39,13 @@ class AdminBackend(Protocol):
     async def faults(self) -> tuple[FaultView, ...]: ...
     async def inject_fault(self, kind: str, target: str, key: str | None = None) -> str: ...
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig: ...
+    async def power(self) -> PowerStatus: ...
+    async def power_budget(self) -> tuple[BudgetStatus, ...]: ...
+    async def set_power_budget(self, kind: str, name: str, watts: float, key: str | None = None) -> BudgetStatus: ...
+    async def set_power_cap(self, replica_id: str, watts: float | None, key: str | None = None) -> PowerCapStatus: ...
+    async def placement_plan(self, rate_scale: float = 1.0,
+                             rates: tuple[tuple[str, int, int, float], ...] = ()) -> PlacementReport: ...
+    async def apply_placement(self, rate_scale: float = 1.0, key: str | None = None) -> PlacementReport: ...
 
 
 class LocalBackend:
@@ -48,6 +59,9 @@ class LocalBackend:
 
     async def in_flight(self) -> tuple[InFlightRequest, ...]:
         return self.actor.in_flight()
+
+    async def kv_stores(self) -> tuple[KVStoreStatus, ...]:
+        return self.actor.kv_stores()
 
     async def config(self) -> FleetConfig:
         return self.actor.current_config()
@@ -78,3 +92,22 @@ class LocalBackend:
 
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig:
         return self.actor.update_settings(patch, key)
+
+    async def power(self) -> PowerStatus:
+        return self.actor.power()
+
+    async def power_budget(self) -> tuple[BudgetStatus, ...]:
+        return self.actor.power_budget()
+
+    async def set_power_budget(self, kind: str, name: str, watts: float, key: str | None = None) -> BudgetStatus:
+        return self.actor.set_power_budget(kind, name, watts, key)
+
+    async def set_power_cap(self, replica_id: str, watts: float | None, key: str | None = None) -> PowerCapStatus:
+        return self.actor.set_power_cap(replica_id, watts, key)
+
+    async def placement_plan(self, rate_scale: float = 1.0,
+                             rates: tuple[tuple[str, int, int, float], ...] = ()) -> PlacementReport:
+        return await self.actor.placement_plan(rate_scale, rates)
+
+    async def apply_placement(self, rate_scale: float = 1.0, key: str | None = None) -> PlacementReport:
+        return await self.actor.apply_placement(rate_scale, key)

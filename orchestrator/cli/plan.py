@@ -3,6 +3,10 @@
     flotilla plan --trace conv --slo ttft=0.5,tpot=0.05 --model llama-2-7b \
         [--gpus H100,A100-80GB:2,L4] [--window 600] [--rate-scale 4] [--form sliced] [--json]
 
+Without `--trace` it asks the running fleet instead (its observed workload, its pools):
+`flotilla plan [--rate-scale 2] [--rate MODEL:PROMPT:OUTPUT:RPS]` is a dry run and
+`flotilla plan --apply` moves the fleet to the plan now (see `orchestrator.cli._plan_api`).
+
 A dry run of the placement solver (`policies.placement`) on a workload characterised from
 a trace (`conv`, `code` or a CSV with the Azure columns), with capacities from the
 performance model, optionally replaced by measured tables (`--capacity GPU=FILE`: rates
@@ -23,6 +27,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orchestrator.cli._api import add_api_arguments
+from orchestrator.cli._plan_api import run_api
 from policies.capacity import CapacityProfile, Slo, derive_capacity, override_rates, parse_rate_table, split_conditions
 from policies.gpu_catalog import GPU_CATALOG, gpu_spec
 from policies.measured_profile import MeasuredProfile
@@ -34,9 +40,14 @@ DEFAULT_GPUS = tuple(name for name in GPU_CATALOG if name != "CPU")
 
 
 def register(commands) -> None:
-    plan = commands.add_parser("plan", help="the cheapest GPU mix for a trace within an SLO")
-    plan.add_argument("--trace", required=True, help="conv, code or a CSV file (Azure columns)")
-    plan.add_argument("--slo", required=True, type=parse_slo, help="ttft=SECONDS,tpot=SECONDS")
+    plan = commands.add_parser("plan", help="the cheapest GPU mix for a trace, or for the running fleet")
+    plan.add_argument("--trace", default=None,
+                      help="conv, code or a CSV file (Azure columns); without it, ask the running fleet")
+    plan.add_argument("--slo", type=parse_slo, help="ttft=SECONDS,tpot=SECONDS (with --trace)")
+    plan.add_argument("--apply", action="store_true",
+                      help="move the running fleet to its plan now (skips dwell and hysteresis)")
+    plan.add_argument("--rate", action="append", default=[], metavar="MODEL:PROMPT:OUTPUT:RPS",
+                      help="the running fleet: plan for this traffic instead of the observed (repeatable)")
     plan.add_argument("--model", default="llama-2-7b",
                       help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint directory")
     plan.add_argument("--gpus", default=",".join(DEFAULT_GPUS),
@@ -54,7 +65,7 @@ def register(commands) -> None:
     plan.add_argument("--step-profile", action="append", default=[], metavar="TYPE=FILE",
                       help="measured step times (the CSV `flotilla profile` writes)")
     plan.add_argument("--max-num-seqs", type=int, default=256)
-    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    add_api_arguments(plan)  # --url, --token (the running fleet) and --json
     plan.set_defaults(run=run)
 
 
@@ -169,6 +180,12 @@ def cheapest_single(problem: PlacementProblem) -> Comparison:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.trace is None:
+        return run_api(args)
+    if args.apply or args.rate or args.slo is None:
+        print("flotilla plan: with --trace, --slo is required and --apply/--rate do not apply "
+              "(they ask the running fleet)", file=sys.stderr)
+        return 2
     try:
         spec = model_spec(args.model)
         gpus = gpu_choices(args.gpus)

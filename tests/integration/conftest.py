@@ -31,6 +31,11 @@ SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold
 VIEWER_TOKEN, OPERATOR_TOKEN = "test-viewer-token-0123", "test-operator-token-0123"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `chaos` break the session's cluster on purpose (nodes, controller): they run last."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)  # stable: order kept otherwise
+
+
 def run_async(coroutine):
     """Run a coroutine to completion from sync test code, whatever loop the caller has."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -79,6 +84,8 @@ def ray_cluster():
         ("H100", {"num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:H100": 1}}),
         ("L4", {"num_cpus": 2, "num_gpus": 4, "resources": {"accelerator_type:L4": 1}}),
         ("cpu", {"num_cpus": 2}),
+        # a spare H100 node: the fault tests remove an H100 node, and the other still fits the pool
+        ("H100", {"num_cpus": 0, "num_gpus": 2, "resources": {"accelerator_type:H100": 1}}),
     ):
         node = cluster.add_node(**args)
         kinds[node.node_id] = kind
@@ -125,6 +132,10 @@ def fleet_config(model_dir: str, http_port: int, metrics_port: int) -> FleetConf
         "routing": {"agents": 2},
         "server": {"host": "127.0.0.1", "port": http_port, "admission_timeout_s": 1.0, "retry_after_s": 2},
         "controller": {"control_period_s": 0.25, "metrics_port": metrics_port},
+        # short, for the fault tests' hang; long enough that a CPU-starved vLLM step is not a hang
+        "recovery": {"hang_timeout_s": 5.0},
+        # a KV-cache store per node, shared by every replica (tests/integration/test_kvstore_fleet.py)
+        "kv_store": {"enabled": True, "capacity_bytes": 32 << 20},  # of each node's 150 MB object store
         "admin": {"tokens": [{"name": "test-viewer", "role": "viewer", "token": VIEWER_TOKEN},
                              {"name": "test-operator", "role": "operator", "token": OPERATOR_TOKEN}]},
     })

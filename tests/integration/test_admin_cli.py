@@ -39,7 +39,8 @@ def test_requests_in_flight_are_listed(fleet):
     with httpx.stream("POST", f"{fleet.base_url}/v1/completions", timeout=120, json={
             "model": "sim-llama-7b", "prompt": "a long one", "max_tokens": 2000, "stream": True,
             "ignore_eos": True}) as stream:
-        next(line for line in stream.iter_lines() if line.startswith("data:"))
+        lines = stream.iter_lines()  # held: a dropped iterator closes the response, and the server aborts
+        next(line for line in lines if line.startswith("data:"))
         listed = wait_for(lambda: json.loads(flotilla(fleet, "requests", "--json").stdout), timeout_s=30,
                           what="the request to be listed")
     [request] = [r for r in listed if r["max_tokens"] == 2000]

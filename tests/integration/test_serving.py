@@ -27,8 +27,9 @@ def test_replicas_land_on_their_gpu_type(fleet, ray_cluster):
     placed = {(r.pool, ray_cluster.kind_of(r.node_id)) for r in fleet.replicas() if r.pool != "cpu"}
     assert placed == {("h100", "H100"), ("l4", "L4"), ("slow", "L4")}
     cpu = fleet.replicas("cpu")
-    assert len(cpu) == 2 and len({r.node_id for r in cpu}) == 2  # spread over two nodes
-    assert {ray_cluster.kind_of(r.node_id) for r in cpu} <= {"head", "cpu"}  # never a GPU node
+    # spread over two nodes; a CPU pool asks Ray for CPUs only, so any node with free CPUs may
+    # take it (on Kubernetes its worker group's node selector keeps it off GPU nodes)
+    assert len(cpu) == 2 and len({r.node_id for r in cpu}) == 2
     assert len(fleet.replicas("h100")) == 2 and len(fleet.replicas("l4")) == 2
 
 

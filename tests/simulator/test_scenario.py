@@ -48,7 +48,7 @@ def test_every_bundled_scenario_loads(path):
     ("workload.model", "other", "workload.model: no model 'other'"),
     ("workload.slo_mix", {"gold": 1.0}, "workload.slo_mix: unknown SLO class(es) ['gold']"),
     ("routing", {"weights": {"psychic": 1}}, "routing.weights: Value error, unknown scorer(s) ['psychic']"),
-    ("hooks", [{"name": "migration"}], "hooks[0].name: Value error, no hook named 'migration'"),
+    ("hooks", [{"name": "telepathy"}], "hooks[0].name: Value error, no hook named 'telepathy'"),
     ("timeline", [{"at": 5, "kill_replica": "l4-0"}], "timeline[0].kill_replica: no pool 'l4'"),
     ("timeline", [{"at": 5, "kill_replica": "h100-0", "drain": "h100-1"}], "does exactly one thing"),
     ("simulation.gpus_per_node", 0, "simulation.gpus_per_node: Input should be greater than or equal to 1"),

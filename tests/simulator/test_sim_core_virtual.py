@@ -51,6 +51,7 @@ def stepped(requests, settings, timer):
     """The live engine's way: requests join the first step starting at or after them."""
     core = SimScheduler(timer, "m", block_size=16, **settings)
     first, finished, preempted, pending = {}, {}, [], list(requests)
+    core.step_tokens = []  # (end, tokens) of every step, for the rate window's check
     while pending or core.has_work:
         if not core.has_work:
             core.idle(max(0.0, pending[0][0] - core.clock_s))
@@ -59,6 +60,7 @@ def stepped(requests, settings, timer):
         start = core.clock_s
         result = core.step()
         first.update({t.request_id: core.clock_s for t in result.tokens if t.index == 0})
+        core.step_tokens.append((core.clock_s, len(result.tokens)))
         finished.update({rid: core.clock_s for rid, _ in result.finished})
         preempted += [(rid, start) for rid in result.preempted]
     return first, finished, preempted, core
@@ -70,6 +72,7 @@ def virtual(requests, settings, timer, pokes=()):
     core.use_virtual_time(timer if isinstance(timer, (LinearTimer, LinearDecodeTimer))
                           else LinearDecodeTimer(timer, settings["max_model_len"]))
     first, finished, preempted, calls = {}, {}, [], 0
+    core.rates = []  # (clock, tokens_per_s) at each poke
     events = [(t, 0, i, "add", r) for i, (t, r) in enumerate(requests)]
     events += [(t, 0, 10**6 + i, "poke", None) for i, t in enumerate(pokes)]
     heapq.heapify(events)
@@ -85,6 +88,8 @@ def virtual(requests, settings, timer, pokes=()):
         preempted += list(progress.preempted)
         if kind == "add":
             core.add(request)
+        if kind == "poke":
+            core.rates.append((core.clock_s, core.stats(t).tokens_per_s))
         order += 1
         wake = order
         if kind in ("add", "poke"):  # plan once everything at this instant has landed
@@ -102,7 +107,8 @@ def test_virtual_time_reproduces_stepping(name, seed):
     pokes = sorted(random.Random(seed).uniform(0, 40) for _ in range(150))
     first, finished, preempted, live = stepped(requests, settings, timer)
     v_first, v_finished, v_preempted, core, calls = virtual(requests, settings, timer, pokes)
-    assert v_first.keys() == first.keys() and v_finished.keys() == finished.keys() == {r.request_id for _, r in requests}
+    submitted = {r.request_id for _, r in requests}
+    assert v_first.keys() == first.keys() and v_finished.keys() == finished.keys() == submitted
     for ours, theirs in ((v_first, first), (v_finished, finished)):
         assert all(ours[rid] == pytest.approx(theirs[rid], rel=1e-9, abs=1e-12) for rid in theirs)
     assert [rid for rid, _ in v_preempted] == [rid for rid, _ in preempted]
@@ -111,6 +117,9 @@ def test_virtual_time_reproduces_stepping(name, seed):
     assert core.stats(0).cached_prompt_tokens == live.stats(0).cached_prompt_tokens
     if name == "tight-kv":
         assert preempted, "this setting is meant to preempt"
+    for clock, rate in core.rates:  # the rate window counts decode runs step by step
+        tokens = sum(n for end, n in live.step_tokens if clock - core.rate_window_s < end <= clock)
+        assert rate == pytest.approx(tokens / min(core.rate_window_s, clock), rel=1e-9)
 
 
 def test_decode_runs_are_applied_in_few_calls():

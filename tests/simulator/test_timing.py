@@ -24,7 +24,8 @@ class KinkedTimer:
     """Decode time with a kink in the context (as a compute-bound attention would make)."""
 
     def step_time(self, batch: BatchShape) -> float:
-        return 0.01 + max(1e-7 * batch.decode_context_tokens, 2e-6 * batch.decode_seqs * 100) + 1e-6 * batch.prefill_tokens
+        decode = max(1e-7 * batch.decode_context_tokens, 2e-6 * batch.decode_seqs * 100)
+        return 0.01 + decode + 1e-6 * batch.prefill_tokens
 
 
 def test_a_model_that_is_not_linear_in_context_gets_no_line():

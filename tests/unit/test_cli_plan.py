@@ -51,3 +51,14 @@ def test_bad_arguments_are_named(trace, capsys):
     with pytest.raises(argparse.ArgumentTypeError, match="ttft=SECONDS"):
         parse_slo("ttft=1")
     assert gpu_choices("H100,A100-80GB:2") == [("H100", 1), ("A100-80GB", 2)]
+
+
+def test_with_a_trace_the_slo_is_required_and_the_fleet_flags_are_refused(trace, capsys):
+    assert main(["plan", "--trace", trace]) == 2
+    assert main(["plan", "--trace", trace, "--slo", "ttft=1,tpot=0.1", "--apply"]) == 2
+    assert "with --trace, --slo is required and --apply/--rate do not apply" in capsys.readouterr().err
+
+
+def test_without_a_trace_it_asks_the_running_fleet(capsys):
+    assert main(["plan", "--url", "http://127.0.0.1:9", "--token", "t" * 20]) == 1
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err

@@ -91,6 +91,8 @@ async def test_replicas_that_died_meanwhile_are_replaced_and_strays_adopted():
     assert sum(r.pool == "l4" for r in live.values()) == 1
     assert sum(r.pool == "h100" for r in live.values()) == 2
     assert len(cluster.launched) == launched + 1  # only the dead h100 replica was replaced
+    replica_faults = [(f.target, f.cause) for f in second.recent_faults() if f.component == "replica"]
+    assert replica_faults == [(victim.replica_id, "died")]  # nobody saw it die, yet the fault log says so
 
 
 async def test_an_unreadable_memory_means_starting_from_the_config():
@@ -103,3 +105,63 @@ async def test_an_unreadable_memory_means_starting_from_the_config():
     controller = cluster.controller()
     await settle(controller)
     assert controller.replicas.ready()
+
+
+async def test_a_node_that_died_while_no_controller_watched_is_still_a_fault():
+    cluster = Cluster()
+    await settle(cluster.controller())
+    second = cluster.controller()
+    second.nodes.source = lambda: [replace(n, alive=n.node_id != "node-L4") for n in nodes_for("H100", "L4")]
+    await settle(second, ticks=1)
+    nodes = [(f.component, f.target, f.cause) for f in second.recent_faults() if f.component == "node"]
+    assert nodes == [("node", "node-L4", "died")]
+    await settle(second, ticks=1)
+    assert [f.target for f in second.recent_faults() if f.component == "node"] == ["node-L4"]  # once
+
+
+async def test_the_fault_log_survives_the_controller():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    victim = next(r for r in cluster.replicas.values() if r.spec.pool == "l4" and not r.killed)
+    victim.stats_error = ReplicaUnavailable(victim.replica_id, "actor died", dead=True)
+    await settle(first)
+    seen = [(f.fault_id, f.target, f.cause) for f in first.recent_faults()]
+    second = cluster.controller()
+    await settle(second, ticks=1)
+    kept = [(f.fault_id, f.target, f.cause) for f in second.recent_faults()]
+    assert kept[:len(seen)] == seen and (victim.replica_id, "died") in [(t, c) for _, t, c in seen]
+    assert [f.cause for f in second.recent_faults()][len(seen):] == ["restarted"]
+
+
+async def test_an_operators_change_survives_a_controller_dying_before_its_next_tick():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    first.scale_pool("h100", 3)
+    first.update_settings({"routing": {"load_guard": 0.85}})
+    second = cluster.controller()  # no tick of the first one in between
+    await settle(second, ticks=1)
+    assert second.replicas.desired["h100"] == 3
+    assert second.config.routing.load_guard == 0.85
+
+
+async def test_a_readopted_replica_does_not_pass_for_the_replacement_of_a_fault():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    survivor, victim = [r for r in cluster.replicas.values() if r.spec.pool == "h100"]
+    started = await survivor.start(5.0)
+
+    async def start_once(timeout_s: float):  # as a real replica does: one start, its info kept
+        return started
+
+    survivor.start = start_once
+    cluster.clock.now += 10  # the survivor started well before the fault
+    victim.stats_error = ReplicaUnavailable(victim.replica_id, "actor died", dead=True)
+    await settle(first, ticks=1)  # dead; the replacement waits out its backoff
+    second = cluster.controller()
+    await settle(second)
+    fault = next(f for f in second.recent_faults() if f.target == victim.replica_id)
+    assert fault.replaced_by not in (None, survivor.replica_id)
+    assert fault.replaced_by in {r.replica_id for r in second.state.live()}

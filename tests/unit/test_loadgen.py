@@ -27,7 +27,9 @@ from bench.report import (
     RequestRecord,
     cpu_delta,
     distribution,
+    overhead,
     percentile,
+    pool,
     process_name,
     summarize,
     token_rate_series,
@@ -226,3 +228,21 @@ def test_cpu_delta_sums_by_name_and_counts_new_processes_from_zero():
     before = {1: ("ray::RouterAgent", 10.0), 2: ("ray::RouterAgent", 4.0), 3: ("gone", 9.0)}
     after = {1: ("ray::RouterAgent", 10.5), 2: ("ray::RouterAgent", 5.0), 4: ("VLLM::Worker", 2.0)}
     assert cpu_delta(before, after) == {"ray::RouterAgent": 1.5, "VLLM::Worker": 2.0}
+
+
+def test_pool_and_overhead_of_literal_runs():
+    run_a = [record(0, 0.0, (0.1, 0.2, 0.3), 3, 1.0), record(1, 1.0, (1.2, 1.4), 2, 2.0)]
+    run_b = [record(0, 0.0, (0.3, 0.4, 0.5), 3, 2.0), record(1, 1.0, (), 0, 1.5, error="HTTP 429")]
+    direct = pool("direct", 2.0, [(summarize(run_a), run_a)], load_average=1.0)
+    flotilla = pool("flotilla", 2.0, [(summarize(run_a), run_a), (summarize(run_b), run_b)], load_average=3.0)
+    assert direct.output_token_throughput == 2.5  # 5 tokens over 2 s
+    assert flotilla.output_token_throughput == 2.0  # 8 tokens over 2 s + 2 s
+    assert (flotilla.runs, flotilla.errors, flotilla.load_average) == (2, 1, 3.0)
+    assert flotilla.ttft_p50_s == pytest.approx(0.2)  # TTFTs 0.1, 0.2, 0.3
+    assert flotilla.ttft_p50_spread_s == pytest.approx(0.15)  # run p50s 0.15 and 0.3
+    o = overhead(direct, flotilla)
+    assert (o.system, o.rate, o.throughput_ratio) == ("flotilla", 2.0, 0.8)
+    assert o.added_ttft_p50_ms == pytest.approx(50.0)  # 0.2 s against 0.15 s
+    assert o.tpot_p50_ratio == pytest.approx(2 / 3)  # p50 of 0.1, 0.2, 0.1 against p50 of 0.1, 0.2
+    with pytest.raises(ValueError, match="no request succeeded"):
+        pool("x", 1.0, [(summarize(run_b[1:]), run_b[1:])])

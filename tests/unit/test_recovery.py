@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
 from actors.replica_client import ReplicaUnavailable
+from actors.router_client import RouterUnavailable
 from orchestrator.config import parse_config
 from orchestrator.controller import Controller
-from orchestrator.fleet_state import NodeObservation
-from orchestrator.replica_health import MISSED_POLLS_UNHEALTHY
-from tests.fakes import FakeClock, FakeReplica, FakeRouter, nodes_for
+from orchestrator.fleet_state import NodeObservation, ReplicaRecord
+from orchestrator.replica_health import MISSED_POLLS_UNHEALTHY, Health, judge
+from orchestrator.replica_manager import spec_for
+from tests.fakes import FakeClock, FakeReplica, FakeRouter, idle_stats, nodes_for
 
 CONFIG = {
     "models": [{"name": "m", "arch": "llama-2-7b"}],
@@ -112,3 +115,46 @@ async def test_a_crash_looping_pool_backs_off_then_opens_its_circuit(h):
     h.fail_starts = False
     await h.tick(2, advance_s=60)
     assert h.controller.status().pools[0].ready == 2 and not h.controller.status().pools[0].held_back
+
+
+def test_requests_queued_on_a_frozen_engine_mean_hung_even_with_none_running():
+    """A replica frozen while idle admits nothing: what reaches it waits, 0 running, no token ever."""
+    config = parse_config(CONFIG)
+    record = ReplicaRecord(spec=spec_for(config, config.pools[0], "h100-0000abcd"), created_at=0.0)
+    record.mark_ready("node-H100", 0.0)
+    queued = replace(idle_stats(0.0), waiting=3)
+    assert judge(record, queued, 1.0, config.recovery).health is Health.FINE
+    verdict = judge(record, queued, 12.0, config.recovery)
+    assert (verdict.health, verdict.cause) == (Health.DEAD, "hung")
+    assert judge(record, idle_stats(0.0), 30.0, config.recovery).health is Health.FINE  # nothing queued: idle
+
+
+async def test_a_router_agent_is_a_fault_when_it_stops_answering_not_while_it_starts():
+    class FlakyRouter(FakeRouter):
+        down = True  # still being created
+
+        async def update_view(self, view, timeout_s: float = 2.0):
+            if self.down:
+                raise RouterUnavailable(self.agent_id, "no answer within 2s")
+            return await super().update_view(view, timeout_s)
+
+    agents: dict[str, FlakyRouter] = {}
+
+    def launch(agent_id, settings):
+        agents[agent_id] = FlakyRouter(agent_id)
+        return agents[agent_id]
+
+    clock = FakeClock()
+    controller = Controller(parse_config(CONFIG), launcher=lambda spec, p: FakeReplica(spec, p, clock),
+                            router_launcher=launch, node_source=lambda: nodes_for("H100"), clock=clock)
+    await controller.step()
+    assert controller.recent_faults() == ()  # a starting agent is not a broken one
+    agents["agent-0"].down = False
+    await controller.step()
+    agents["agent-0"].down = True  # crashed: Ray restarts it
+    await controller.step()
+    agents["agent-0"].down = False
+    await controller.step()
+    faults = controller.recent_faults()
+    assert [(f.component, f.target, f.cause) for f in faults] == [("router", "agent-0", "unreachable")]
+    assert faults[0].recovered_at is not None

@@ -8,6 +8,7 @@ import pytest
 
 from actors.engines.base import EngineOverloaded, FinishReason, GenerationRequest, SamplingSpec, TokenDelta
 from actors.replica_client import ReplicaUnavailable
+from orchestrator.dispatcher import NoCapacity
 from orchestrator.request_stream import RequestStream, StreamFailed
 from policies.fleet_view import RoutingRequest
 from policies.routing import RoutingDecision
@@ -148,3 +149,24 @@ async def test_a_handoff_resumes_on_the_named_target_and_records_the_stall():
     assert dispatcher.replicas["c"].seen[0].output_token_ids == tuple(TOKENS[:2])
     assert stream.resumes == 0 and [(m.source, m.target) for m in stream.migrations] == [("a", "c")]
     assert moves == stream.migrations and moves[0].downtime_s >= 0
+
+
+class DrainedDispatcher(ScriptedDispatcher):
+    """Like ScriptedDispatcher, but says so (as the real one does) when no replica is left."""
+
+    async def assign(self, routing: RoutingRequest):
+        if all(rid in routing.exclude for rid in self.replicas):
+            raise NoCapacity("no ready replica of model m", None)
+        return await super().assign(routing)
+
+
+async def test_no_replica_to_resume_on_is_a_clear_error_once_tokens_were_sent():
+    stream = stream_over(DrainedDispatcher(ScriptedReplica("a", fail_after=4)))
+    with pytest.raises(StreamFailed, match="no replica to resume on after 4 tokens"):
+        await collect(stream)
+
+
+async def test_no_replica_before_the_first_token_stays_an_admission_refusal():
+    stream = stream_over(DrainedDispatcher(ScriptedReplica("a", fail_after=0)))
+    with pytest.raises(NoCapacity):  # the ingress can still answer 503 with Retry-After
+        await collect(stream)

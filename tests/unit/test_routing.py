@@ -312,7 +312,8 @@ def test_defaults_are_prefix_aware_with_a_load_guard():
         (
             {"prefix": 1.0, "latency": 2.0},
             0.9,
-            r"unknown scorer\(s\) \['latency'\]; known: \['kv', 'load', 'prefix', 'slo_fit'\]",
+            r"unknown scorer\(s\) \['latency'\]; known: \['kv', 'load', 'power_of_two', 'prefix', "
+            r"'round_robin', 'slo_fit'\]",
         ),
         ({"prefix": -1.0}, 0.9, "weight 'prefix' must be a finite number >= 0"),
         ({"prefix": float("inf")}, 0.9, "weight 'prefix' must be a finite number >= 0"),

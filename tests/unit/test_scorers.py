@@ -11,7 +11,7 @@ from policies.block_hash import block_hashes
 from policies.bookings import Bookings
 from policies.fleet_view import FleetView, ReplicaSnapshot, ReplicaState, RoutingRequest, SloClass
 from policies.routing import RoutingTable
-from policies.scorers import SCORERS, ScoringContext, kv, load, prefix, slo_fit
+from policies.scorers import SCORERS, ScoringContext, kv, load, power_of_two, prefix, round_robin, slo_fit
 
 BASE = ReplicaSnapshot(
     replica_id="r",
@@ -57,7 +57,8 @@ def context(
 
 
 def test_registry_names_every_scorer():
-    assert dict(SCORERS) == {"load": load, "kv": kv, "prefix": prefix, "slo_fit": slo_fit}
+    assert dict(SCORERS) == {"load": load, "kv": kv, "prefix": prefix, "slo_fit": slo_fit,
+                             "round_robin": round_robin, "power_of_two": power_of_two}
 
 
 # --- load ----------------------------------------------------------------------------

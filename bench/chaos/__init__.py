@@ -1,0 +1,1 @@
+"""The chaos harness: `python -m bench.chaos` breaks a live multi-node fleet under load and checks every stream."""

@@ -1,0 +1,160 @@
+"""Summaries, tables and the plot of `bench.migration_trace`, live and simulated.
+
+Live latencies are divided by the run's `time_scale`: seconds of the simulated GPU, the
+unit the simulator reports in, so the two tables read alike. Pure over the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.report import RequestRecord, percentile
+
+TARGET_RATIO = 3.0  # p99 TTFT, migration off / on
+
+
+@dataclass(frozen=True)
+class LiveRun:
+    """One configuration's live run."""
+
+    name: str
+    run: int  # 1 for its first run, 2 for its second, ...
+    time_scale: float
+    records: tuple[RequestRecord, ...]
+    preemptions: int  # over the fleet's engines, during the run
+    migrations: Mapping[str, float]  # "reason/outcome" -> count, during the run
+    kv_load: float  # mean KV usage over replicas while requests arrived, in [0, 1]
+    throughput_load: float  # output tokens/s over the replicas' capacity, same window
+    wall_s: float
+    load_average: float  # the machine's, mean of start and end (others' work shows here)
+    samples: tuple[dict, ...]
+
+
+def summarize_live(runs: Sequence[LiveRun]) -> list[dict[str, Any]]:
+    """One row per configuration, its runs pooled, in order of first appearance."""
+    names = list(dict.fromkeys(r.name for r in runs))
+    return [_pooled(name, [r for r in runs if r.name == name]) for name in names]
+
+
+def _pooled(name: str, runs: Sequence[LiveRun]) -> dict[str, Any]:
+    scale = runs[0].time_scale
+    ok = [x for r in runs for x in r.records if x.ok]
+    ttft = [x.ttft_s / scale for x in ok]
+    tpot = [x.tpot_s / scale for x in ok if x.tpot_s is not None]
+    p99s = [percentile([x.ttft_s / scale for x in r.records if x.ok], 99) for r in runs if any(x.ok for x in r.records)]
+    done = sum(v for r in runs for k, v in r.migrations.items() if k.endswith("/done"))
+    row = {
+        "config": name, "runs": len(runs), "requests": sum(len(r.records) for r in runs), "ok": len(ok),
+        "ttft_p50_s": percentile(ttft, 50) if ttft else None, "ttft_p99_s": percentile(ttft, 99) if ttft else None,
+        "ttft_p99_spread_s": (min(p99s), max(p99s)) if p99s else None,
+        "tpot_p99_s": percentile(tpot, 99) if tpot else None,
+        "preemptions": sum(r.preemptions for r in runs), "migrations_done": done,
+        "migrations": _summed([r.migrations for r in runs]),
+        "kv_load": float(np.mean([r.kv_load for r in runs])),
+        "throughput_load": float(np.mean([r.throughput_load for r in runs])),
+        "wall_s": sum(r.wall_s for r in runs), "load_average": float(np.mean([r.load_average for r in runs])),
+        "errors": sorted({x.error for r in runs for x in r.records if not x.ok}),
+    }
+    row["line"] = (f"{row['ok']}/{row['requests']} ok, TTFT p50 {_s(row['ttft_p50_s'])} p99 {_s(row['ttft_p99_s'])}, "
+                   f"TPOT p99 {_ms(row['tpot_p99_s'])}, {row['preemptions']} preemptions, {done:.0f} migrations, "
+                   f"KV load {row['kv_load']:.0%}, throughput load {row['throughput_load']:.0%}, "
+                   f"{row['wall_s']:.0f}s wall, machine load average {row['load_average']:.1f}")
+    return row
+
+
+def _summed(maps: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in maps:
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def sim_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The simulator's summaries (`bench.simulator.metrics.summarize`) as table rows."""
+    return [{"config": s["variant"], "requests": s["requests"]["total"], "ok": s["requests"]["completed"],
+             "ttft_p50_s": s["latency_s"]["ttft"]["p50"], "ttft_p99_s": s["latency_s"]["ttft"]["p99"],
+             "tpot_p99_s": s["latency_s"]["tpot"]["p99"], "preemptions": s["disruptions"]["preemptions"],
+             "migrations_done": s["disruptions"]["migrations"]} for s in summaries]
+
+
+def ratio(rows: Sequence[dict[str, Any]], key: str = "ttft_p99_s") -> float | None:
+    """`key` of migration-off over migration-on (None unless both ran)."""
+    by = {r["config"]: r[key] for r in rows}
+    on, off = by.get("migration-on"), by.get("migration-off")
+    return off / on if on and off is not None else None
+
+
+def print_tables(result: Mapping[str, Any]) -> None:
+    for part, title in (("live", "live (seconds of the simulated GPU: measured / time scale)"),
+                        ("simulator", "simulator (virtual seconds)")):
+        if part not in result:
+            continue
+        rows = result[part]["configs"] if part == "live" else result[part]
+        print(f"\n{title}")
+        print(f"{'config':<15}{'ok':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'p99 spread':>16}{'TPOT p99':>10}"
+              f"{'preempt':>9}{'migrated':>9}{'KV load':>9}{'tput load':>10}")
+        for r in rows:
+            spread = r.get("ttft_p99_spread_s")
+            print(f"{r['config']:<15}{r['ok']:>5}/{r['requests']:<4}{_s(r['ttft_p50_s']):>10}{_s(r['ttft_p99_s']):>10}"
+                  f"{(_s(spread[0]) + '-' + _s(spread[1])) if spread else '-':>16}{_ms(r['tpot_p99_s']):>10}"
+                  f"{r['preemptions']:>9}{r['migrations_done']:>9.0f}{_pct(r.get('kv_load')):>9}"
+                  f"{_pct(r.get('throughput_load')):>10}")
+        for key in ("ttft_p99_s", "ttft_p50_s", "tpot_p99_s"):
+            value = ratio(rows, key)
+            shown = "-" if value is None else f"{value:.2f}x"
+            target = f"  (target >= {TARGET_RATIO:g}x)" if key == "ttft_p99_s" else ""
+            print(f"  {key.removesuffix('_s')} migration-off / migration-on: {shown}{target}")
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}s"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f}ms"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.0%}"
+
+
+def plot(result: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for run_name in dict.fromkeys(r["name"] for r in result.get("live", {}).get("runs", [])):
+        runs = [r for r in result["live"]["runs"] if r["name"] == run_name]
+        ttft = np.sort([(x["chunk_times_s"][0] - x["sent_s"]) / r["time_scale"] for r in runs for x in r["records"]
+                        if x["error"] is None and x["chunk_times_s"]])
+        if ttft.size:
+            cdf.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size, label=run_name)
+    cdf.set_xscale("log")
+    cdf.set_xlabel("TTFT (s of the simulated GPU)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("live: TTFT distribution per configuration")
+    cdf.grid(True, which="both", alpha=0.3)
+    cdf.legend(fontsize=8)
+    parts = [(p, result[p]["configs"] if p == "live" else result[p]) for p in ("live", "simulator") if p in result]
+    width = 0.8 / max(1, 2 * len(parts))
+    for i, (part, rows) in enumerate(parts):
+        x = np.arange(len(rows))
+        for j, key in enumerate(("ttft_p50_s", "ttft_p99_s")):
+            bars.bar(x + (2 * i + j) * width, [r[key] or 0 for r in rows], width, label=f"{part} {key[5:8]}")
+        bars.set_xticks(np.arange(len(rows)) + width * (len(parts) - 0.5), [r["config"] for r in rows], fontsize=8)
+    bars.set_yscale("log")
+    bars.set_ylabel("TTFT (s)")
+    bars.set_title("TTFT p50 / p99 per configuration")
+    bars.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
