@@ -44,10 +44,15 @@ class KVLinkSettings:
     # a context shorter than this is computed without asking the stores: the lookup
     # would cost more than it saves, and the request would wait on it
     min_load_tokens: int = 256
+    checkpoint_interval_s: float = 5.0  # see actors.kv_checkpoint; 0: no checkpoints
+    checkpoint_min_new_tokens: int = 256
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_bytes_scale <= 1:
             raise ValueError(f"kv_bytes_scale must lie in (0, 1], got {self.kv_bytes_scale}")
+        if self.checkpoint_interval_s < 0 or self.checkpoint_min_new_tokens < 1:
+            raise ValueError("checkpoint_interval_s must not be negative and checkpoint_min_new_tokens "
+                             f"must be at least 1, got {self.checkpoint_interval_s}, {self.checkpoint_min_new_tokens}")
         if self.min_load_tokens < 0:
             raise ValueError(f"min_load_tokens must not be negative, got {self.min_load_tokens}")
         for name in ("same_node_bytes_per_s", "cross_node_bytes_per_s", "lookup_timeout_s",

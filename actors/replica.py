@@ -24,6 +24,7 @@ from actors.engines.base import (
     TokenDelta,
     UnknownRequest,
 )
+from actors.kv_checkpoint import CheckpointSettings, KVCheckpointer
 from actors.power import (
     ActionOutcome,
     NvmlBackend,
@@ -70,6 +71,7 @@ class ModelReplica:
         self._info: ReplicaInfo | None = None
         self._starting = asyncio.Lock()
         self._power, self._no_power = _power_backend(spec, self.engine)
+        self._checkpointer: KVCheckpointer | None = None
 
     async def start(self) -> ReplicaInfo:
         """Start the engine once; later calls (a restarted controller re-adopting it) just say where it runs."""
@@ -78,6 +80,8 @@ class ModelReplica:
                 began = time.time()
                 self._attach_kv_store()
                 await self.engine.start()
+                if self._checkpointer is not None:
+                    self._checkpointer.start()
                 self._info = ReplicaInfo(
                     replica_id=self.spec.replica_id,
                     node_id=_current_node_id(),
@@ -149,6 +153,9 @@ class ModelReplica:
         settings = KVLinkSettings.from_env()
         if settings is not None:
             self.engine.attach_kv_store(KVLink(settings, _current_node_id()))
+            self._checkpointer = KVCheckpointer(
+                CheckpointSettings(settings.checkpoint_interval_s, settings.checkpoint_min_new_tokens),
+                requests=lambda: self.engine.stats().requests, export=self.engine.export_kv)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -184,6 +191,8 @@ class ModelReplica:
         return apply_action(self._power, self._power.gpus(), action)
 
     async def shutdown(self) -> None:
+        if self._checkpointer is not None:
+            await self._checkpointer.stop()
         await self.engine.shutdown()
         if self._power is not None:
             self._power.close()

@@ -37,6 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.kvstore import StoreSettings
 from actors.kvstore_block import BlockLayout
 from actors.kvstore_client import KVStoreClient
+from bench.kvstore_plots import plot_throughput
 
 NAMESPACE = "kvstore-throughput"
 RESULTS = Path(__file__).parent / "results"
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "kvstore_throughput.json").write_text(json.dumps(results, indent=2))
+        if results:
+            plot_throughput(results, RESULTS / "kvstore_throughput.png")
+            print(f"wrote {RESULTS / 'kvstore_throughput.json'} and kvstore_throughput.png")
         ray.shutdown()
         cluster.shutdown()
 

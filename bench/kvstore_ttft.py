@@ -39,6 +39,7 @@ from actors.engines.base import GenerationRequest, SamplingSpec
 from actors.kv_link import KVLink, KVLinkSettings
 from actors.kvstore import StoreSettings
 from actors.kvstore_client import KVStoreClient
+from bench.kvstore_plots import plot_ttft
 
 NAMESPACE = "kvstore-bench"
 RESULTS = Path(__file__).parent / "results"
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         print_table(results)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "kvstore_ttft.json").write_text(json.dumps(results, indent=2))
+        if results:
+            plot_ttft(results, RESULTS / "kvstore_ttft.png")
+            print(f"wrote {RESULTS / 'kvstore_ttft.json'} and kvstore_ttft.png")
         ray.shutdown()
         cluster.shutdown()
 

@@ -9,6 +9,7 @@ Units: seconds, tokens, watts, US dollars per GPU-hour.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -381,6 +382,10 @@ class KVStoreConfig(_Strict):
     # contexts shorter than this never wait on a store lookup: computing them is cheaper
     min_load_tokens: int = Field(default=256, ge=0)
     load_timeout_s: float = Field(default=10.0, gt=0)  # a load slower than this is abandoned (recompute)
+    # lazy checkpoints (actors.kv_checkpoint): every this many seconds each replica saves the
+    # blocks of running requests that grew by `checkpoint_min_new_tokens`; 0: never
+    checkpoint_interval_s: float = Field(default=5.0, ge=0)
+    checkpoint_min_new_tokens: int = Field(default=256, ge=1)
 
 
 class FleetConfig(_Strict):
@@ -436,6 +441,18 @@ class FleetConfig(_Strict):
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def digest(self) -> str:
+        """A short fingerprint of the whole config: a redeploy with another one is a change."""
+        return _digest(self.model_dump(mode="json"))
+
+    def pool_digest(self, name: str) -> str:
+        """What a pool's replicas are made of (the pool and its model): a change rolls them."""
+        pool = self.pool(name)
+        assert pool is not None, f"no pool {name!r}"
+        model = self.model(pool.model)
+        return _digest([pool.model_dump(mode="json", exclude={"replicas", "min_replicas", "max_replicas"}),
+                        model.model_dump(mode="json") if model else None])
+
     def pool(self, name: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.name == name), None)
 
@@ -490,3 +507,7 @@ def _format_errors(error: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "invalid fleet config:\n  " + "\n  ".join(lines)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,6 +30,7 @@ from orchestrator.fleet_status import (
     PoolStatus,
     ReplicaStatus,
 )
+from orchestrator.kube_sync import KubernetesSync
 from orchestrator.metrics import MetricsRegistry
 from orchestrator.migration_manager import MigrationManager
 from orchestrator.migration_record import MigrationRecord
@@ -69,6 +70,8 @@ class Controller:
         discover: Callable[[], list[str]] = list,
         autoscaler: ResourceRequester | None = None,  # None: no cluster autoscaler to ask for nodes
         store_launcher: StoreLauncher | None = None,  # None: no KV-cache stores, whatever the config
+        # in a pod of the chart: mirrors cordons and pool sizes onto Kubernetes (orchestrator.kube_sync)
+        kube_sync: Callable[[FleetState, Callable[[], Mapping[str, int]]], KubernetesSync | None] | None = None,
     ):
         self.config = config
         self.clock = clock
@@ -77,10 +80,12 @@ class Controller:
         self.durable = durable
         self.discover = discover  # ids of replica actors alive in the cluster, whoever started them
         self.settings_patch: dict[str, Any] = {}  # every runtime change so far, merged
+        self.deploy_digest = config.digest()  # of the config as deployed, before runtime changes
+        self._rolling: set[str] = set()  # replicas of a pool the redeploy changed: drained once ready
         self._restored = False
         self._remembered: ControllerMemory | None = None
         self.faults = FaultLog(self.metrics, clock, store=durable.store if durable else None)
-        self.stores = StoreManager(config, self.state, store_launcher, self.metrics, clock)
+        self.stores = StoreManager(config, self.state, store_launcher, self.metrics, clock, self.faults)
         self.replicas = ReplicaManager(config, self.state, self.stores.replica_launcher(launcher), clock, attacher,
                                        self.faults)
         self.nodes = NodeManager(self.state, self.replicas, node_source, clock)
@@ -90,18 +95,22 @@ class Controller:
         self.power = PowerManager(config, self.state, self.replicas.handles.get, self.metrics, clock,
                                   durable.store if durable else None)
         self.placement = PlacementManager(config, self.state, self.replicas, self.metrics, clock, autoscaler)
+        self.kube = kube_sync(self.state, lambda: dict(self.replicas.desired)) if kube_sync else None
         self.view: FleetView | None = None
         self._exported: dict[str, tuple[str, ...]] = {}  # replica id -> labels of its gauge series
         self._managers: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("nodes", self.nodes.update),
             ("stores", self.stores.update),  # after the nodes (one store each), before publishing (the index)
             ("replicas", self.replicas.update),
+            ("rollout", self._roll),  # replicas of pools a redeploy changed
             ("power", self.power.update),  # after the poll (priorities), before publishing (speeds)
             ("placement", self.placement.update),  # after the poll (readiness), before publishing (drains)
             ("publish", self._publish),
             ("migrations", self._migrate),
             ("metrics", self._export_metrics),
         )
+        if self.kube is not None:
+            self._managers += (("kubernetes", self.kube.update),)
 
     async def step(self) -> None:
         """One reconcile tick."""
@@ -128,7 +137,8 @@ class Controller:
         except Exception:  # noqa: BLE001 — an unreadable memory means starting fresh, loudly
             log.exception("could not read the controller's durable state; starting from the config")
             memory = None
-        if memory is not None:
+        redeployed = memory is not None and memory.deploy_digest not in ("", self.deploy_digest)
+        if memory is not None and not redeployed:
             self.faults.restore()
             self.faults.report("controller", "controller", "restarted",
                                f"re-adopting {len(memory.replicas)} replicas from the durable state")
@@ -139,13 +149,46 @@ class Controller:
                 cfg = self.config.pool(pool)
                 if cfg is not None:
                     self.replicas.desired[pool] = min(max(n, cfg.min_replicas), cfg.max_replicas)
+        if memory is not None:
+            if redeployed:  # the new config decides sizes and settings; the cluster's state stays
+                self.faults.restore()
+                log.info("deployed with a changed config: pool sizes and settings from it, runtime changes dropped")
             self.state.cordoned.update(memory.cordoned)
             for node_id in memory.nodes:  # as the former controller last saw them: alive
                 self.state.nodes[node_id] = NodeRecord(NodeObservation(node_id, "", True, ()), self.clock())
         known = set(memory.replicas) if memory else set()
-        adopted = [r for r in sorted(known | set(self.discover())) if self.replicas.adopt(r) is not None]
+        candidates = sorted(known | set(self.discover()))
+        adopted = [r for r in candidates if self.replicas.adopt(r) is not None]
         if adopted:
             log.info("re-adopted %d replicas of a former controller: %s", len(adopted), ", ".join(adopted))
+        if redeployed:
+            self._retire_after_redeploy(memory, [r for r in candidates if r not in adopted])
+
+    def _retire_after_redeploy(self, memory: ControllerMemory, unadopted: list[str]) -> None:
+        """Stop the replicas of pools the new config removed; roll those of pools it changed
+        (each is drained once ready, and its pool starts a replacement from the new config)."""
+        for replica_id in unadopted if self.replicas.attacher is not None else ():
+            if memory.replicas.get(replica_id) and self.config.pool(memory.replicas[replica_id]) is None:
+                try:
+                    self.replicas.attacher(replica_id).kill()
+                    log.info("stopped replica %s: its pool is gone from the config", replica_id)
+                except Exception as e:  # noqa: BLE001 — already gone is as good
+                    log.info("replica %s of a removed pool: %s", replica_id, e)
+        changed = {p.name for p in self.config.pools
+                   if memory.pool_digests.get(p.name) not in (None, self.config.pool_digest(p.name))}
+        self._rolling = {r.replica_id for r in self.state.live() if r.pool in changed}
+        if self._rolling:
+            log.info("rolling %d replicas of changed pools %s", len(self._rolling), ", ".join(sorted(changed)))
+
+    async def _roll(self) -> None:
+        """Drain, once ready, each replica a redeploy changed; its pool replaces it."""
+        for replica_id in sorted(self._rolling):
+            record = self.state.get(replica_id)
+            if record is None or record.state.terminal:
+                self._rolling.discard(replica_id)
+            elif record.state is ReplicaState.READY:
+                self.replicas.drain(replica_id, replace=True)
+                self._rolling.discard(replica_id)
 
     def _persist(self) -> None:
         if self._restored:  # before its first tick, the memory is still the former controller's
@@ -161,6 +204,8 @@ class Controller:
             settings_patch=self.settings_patch,
             replicas={r.replica_id: r.pool for r in self.state.live()},
             nodes=sorted(n.node_id for n in self.state.nodes.values() if n.alive),
+            deploy_digest=self.deploy_digest,
+            pool_digests={p.name: self.config.pool_digest(p.name) for p in self.config.pools},
         )
         if memory != self._remembered:
             self.durable.save(memory)

@@ -25,6 +25,7 @@ from orchestrator.fleet_status import (
     ReplicaStatus,
 )
 from orchestrator.idempotency import IdempotencyStore
+from orchestrator.kube_sync import KubernetesSync
 from orchestrator.metrics import MetricsRegistry, Observation
 from orchestrator.node_manager import NodeSource, ray_node_source
 from orchestrator.placement_manager import workload_override
@@ -62,6 +63,7 @@ class ControllerActor:
             discover=ray_replica_discovery(namespace) if launcher is None else list,
             autoscaler=ray_resource_requester() if launcher is None else None,
             store_launcher=ray_store_launcher(namespace) if launcher is None else None,
+            kube_sync=KubernetesSync.from_environment if launcher is None else None,
         )
         self.idempotency = IdempotencyStore(self.config.admin.idempotency_ttl_s, time.time)
         self._loop: asyncio.Task | None = None
@@ -82,6 +84,10 @@ class ControllerActor:
     @staticmethod
     def _durable_write_failed(error: Exception) -> None:
         log.warning("could not write the controller's durable state to the GCS: %s", error)
+
+    def deploy_digest(self) -> str:
+        """The fingerprint of the config this controller was deployed with (FleetConfig.digest)."""
+        return self.controller.deploy_digest
 
     async def start(self) -> None:
         """Start the reconcile loop (idempotent)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +30,8 @@ from orchestrator.request_log import FinishedRequest
 from orchestrator.store_manager import KVStoreStatus
 from policies.fleet_view import FleetView
 
+log = logging.getLogger(__name__)
+
 CONTROLLER_NAME = "controller"
 
 
@@ -40,9 +44,34 @@ class ControllerClient:
         self._handle = handle
 
     @classmethod
-    def get_or_create(cls, config: FleetConfig) -> ControllerClient:
-        """Attach to the fleet's controller, creating it (detached, on the head node) if absent."""
-        handle = ray.remote(ControllerActor).options(
+    def get_or_create(cls, config: FleetConfig, replace_timeout_s: float = 60.0) -> ControllerClient:
+        """Attach to the fleet's controller, creating it (detached, on the head node) if absent.
+
+        A controller deployed with another config (a `serve deploy` or `helm upgrade` that
+        changed it) is replaced: the new one takes back the live replicas and the cluster's
+        state from the durable store, and applies the new config (see `Controller._restore`).
+        """
+        wanted = config.digest()
+        deadline = time.monotonic() + replace_timeout_s
+        while True:
+            handle = cls._create(config)
+            try:
+                deployed = ray.get(handle.deploy_digest.remote(), timeout=30)
+            except (GetTimeoutError, RayActorError):
+                deployed = None  # the one being replaced, dying: look again
+            if deployed == wanted:
+                return cls(handle)
+            if time.monotonic() > deadline:
+                raise ControllerUnavailable(f"the controller deployed with config {deployed} did not make way "
+                                            f"for config {wanted} within {replace_timeout_s:.0f}s")
+            if deployed is not None:
+                log.info("the controller runs config %s; replacing it with %s", deployed, wanted)
+                ray.kill(handle, no_restart=True)
+            time.sleep(0.5)
+
+    @staticmethod
+    def _create(config: FleetConfig):
+        return ray.remote(ControllerActor).options(
             name=CONTROLLER_NAME,
             namespace=config.namespace,
             lifetime="detached",
@@ -52,7 +81,6 @@ class ControllerClient:
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(_head_node_id(), soft=True),
         ).remote(config.model_dump(mode="json"))
-        return cls(handle)
 
     @classmethod
     def lookup(cls, namespace: str) -> ControllerClient:

@@ -61,6 +61,10 @@ class ControllerMemory:
     settings_patch: dict[str, Any] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
+    # the deploy this intent belongs to (FleetConfig.digest) and its pools' (pool_digest):
+    # a controller deployed with another config keeps only what the new one does not decide
+    deploy_digest: str = ""
+    pool_digests: dict[str, str] = field(default_factory=dict)
 
 
 class DurableState:

@@ -84,6 +84,8 @@ async def _wait_ready(controller: ControllerClient, config: FleetConfig, progres
 
 def stop(config: FleetConfig) -> None:
     """Stop the fleet's replicas and agents, then Serve and Ray."""
+    if not ray.is_initialized():  # interrupted before Ray started
+        return
     try:
         controller = ControllerClient.lookup(config.namespace)
         asyncio.run(controller.shutdown_fleet())

@@ -26,6 +26,7 @@ from actors.kvstore_client import KVStoreClient, KVStoreUnavailable
 from actors.replica_client import ReplicaPlacement
 from actors.replica_spec import ReplicaSpec
 from orchestrator.config import FleetConfig, KVStoreConfig, resolve_path
+from orchestrator.fault_log import FaultLog
 from orchestrator.fleet_state import FleetState
 from orchestrator.metrics import MetricsRegistry
 from orchestrator.replica_manager import Launcher
@@ -111,8 +112,9 @@ class _Store:
 
 class StoreManager:
     def __init__(self, config: FleetConfig, state: FleetState, launcher: StoreLauncher | None,
-                 metrics: MetricsRegistry, clock: Callable[[], float]):
+                 metrics: MetricsRegistry, clock: Callable[[], float], faults: FaultLog | None = None):
         self.config = config
+        self.faults = faults  # a store's death is a fault (cause "died"), mended when its successor answers
         self.state = state
         self.launcher = launcher
         self.metrics = metrics
@@ -179,7 +181,7 @@ class StoreManager:
         store = self.stores[node_id]
         store.polls += 1
         if isinstance(result, StoreReport):
-            self._apply(store, result)
+            self._apply(node_id, store, result)
             self._export(node_id, result)
             return
         dead = isinstance(result, KVStoreUnavailable) and result.dead
@@ -190,12 +192,18 @@ class StoreManager:
                         node_id[:8], result)
             store.handle.kill()
             self._forget(node_id)
+            if self.faults is not None:
+                self.faults.report("kvstore", node_id, "died" if dead else "unresponsive", str(result))
             self.restarts[node_id] = self.restarts.get(node_id, 0) + 1
             self.metrics["flotilla_kvstore_restarts_total"].labels(node_id).inc()
 
-    def _apply(self, store: _Store, report: StoreReport) -> None:
+    def _apply(self, node_id: str, store: _Store, report: StoreReport) -> None:
         if store.report is not None and report.started_at != store.report.started_at:
             store.hashes.clear()  # a different incarnation answered under the same name
+            if self.faults is not None:  # Ray restarted it between two polls: its cache was lost
+                self.faults.report("kvstore", node_id, "restarted", "a new incarnation answered")
+        if self.faults is not None and (store.report is None or report.started_at != store.report.started_at):
+            self.faults.recovered("kvstore", node_id)  # a store answers on the node again
         if report.hashes is not None:
             store.hashes = set(report.hashes)
         else:
@@ -286,5 +294,7 @@ def link_settings_of(config: FleetConfig) -> KVLinkSettings:
         lookup_timeout_s=cfg.lookup_timeout_s,
         load_timeout_s=cfg.load_timeout_s,
         min_load_tokens=cfg.min_load_tokens,
+        checkpoint_interval_s=cfg.checkpoint_interval_s,
+        checkpoint_min_new_tokens=cfg.checkpoint_min_new_tokens,
     )
 

@@ -199,7 +199,9 @@ class SimEngine:
         self.core.add(request, prompt)
         context = extend_block_hashes(prompt, request.context_token_ids, size, self.model_name)
         self._unsaved[request.request_id] = context
-        self._kv.prefetch(context, self.core.blocks.cached_prefix_blocks(context, len(request.context_token_ids)))
+        # only blocks the scheduler may load: the one holding the last token is always computed
+        loadable = context[: (len(request.context_token_ids) - 1) // size]
+        self._kv.prefetch(loadable, self.core.blocks.cached_prefix_blocks(context, len(request.context_token_ids)))
 
     async def export_kv(self, request_id: str) -> tuple[int, ...]:
         if self._kv is None:

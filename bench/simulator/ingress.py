@@ -15,6 +15,7 @@ the whole stream (resume stalls included), e2e from arrival to the last token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +31,7 @@ from bench.simulator.workload import Arrival
 from policies.fleet_view import ReplicaState, RoutingRequest
 from policies.routing import Refusal
 
+log = logging.getLogger(__name__)
 _NAN = float("nan")
 
 
@@ -90,6 +92,7 @@ class SimIngress:
         self.flights: dict[str, _Flight] = {}
         self.disruptions: list[Disruption] = []
         self._disrupted: dict[str, Disruption] = {}
+        self.missing_first_token = 0  # requests that ended "ok" with no first token seen (see `_end`)
 
     @property
     def in_flight(self) -> int:
@@ -227,13 +230,17 @@ class SimIngress:
         a = flight.arrival
         first, ok = flight.first_token_at, status == "ok"
         n = a.output_tokens
+        if ok and first is None:  # a replica reported the end but never the first token: a bug, counted
+            self.missing_first_token += 1
+            if self.missing_first_token == 1:
+                log.warning("request %s finished without a first token; its TTFT and TPOT are not recorded", rid)
         self.records.add(
             number=a.number, arrival_s=a.time_s, prompt_tokens=a.prompt_tokens, output_tokens=n,
             cached_tokens=flight.cached, prefix_group=a.prefix_group, slo_class=a.slo_class,
             status=status,
             queue_s=flight.admitted_at - a.time_s if flight.admitted_at is not None else _NAN,
             ttft_s=first - a.time_s if first is not None else _NAN,
-            tpot_s=(finished_at - first) / (n - 1) if ok and n > 1 else _NAN,
+            tpot_s=(finished_at - first) / (n - 1) if ok and n > 1 and first is not None else _NAN,
             e2e_s=finished_at - a.time_s if ok else _NAN,
             replica=flight.replica_id or "", resumes=flight.resumes, migrations=flight.migrations,
             stall_s=flight.stall_s)

@@ -31,17 +31,21 @@ def run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     _ensure_local_models(config)
     config = _with_local_operator_token(config)
-    embedded.start(config, address=args.address, ready_timeout_s=args.ready_timeout)
-    _print_banner(config)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # SIGTERM (a service manager, `kill`) stops the fleet as Ctrl-C does, during start-up too
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        stopped.wait()
+        embedded.start(config, address=args.address, ready_timeout_s=args.ready_timeout)
+        _print_banner(config)
+        threading.Event().wait()
     except KeyboardInterrupt:
         pass
     print("\nstopping the fleet ...")
     embedded.stop(config)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _ensure_local_models(config: FleetConfig) -> None:

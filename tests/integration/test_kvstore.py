@@ -132,8 +132,9 @@ def _dead(client: KVStoreClient) -> bool:
 
 
 def _pid_of(client: KVStoreClient) -> int:
-    """The store's process id, from the GCS actor table (the store exposes no such method)."""
+    """The store's process id, from the GCS actor table (the store exposes no such method). By actor
+    id: the session fleet's own store on that node has the same name in another namespace."""
     from ray._private.state import actors
 
-    name = f"kvstore:{client.node_id}"
-    return next(a["Pid"] for a in actors().values() if a["Name"] == name and a["State"] == "ALIVE")
+    actor_id = client._handle._actor_id.hex()
+    return next(a["Pid"] for a in actors().values() if a["ActorID"] == actor_id and a["State"] == "ALIVE")

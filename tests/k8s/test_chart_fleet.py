@@ -81,7 +81,9 @@ def test_a_cpu_pool_asks_for_no_gpu():
     objects = render(DEFAULTS, "--set-json", f"fleet.pools=[{json.dumps(pool)}]")
     [group] = cluster(objects)["workerGroupSpecs"]
     resources = group["template"]["spec"]["containers"][0]["resources"]
-    assert "nvidia.com/gpu" not in resources["requests"] and group["rayStartParams"] == {}
+    # no GPU and no accelerator resource; only the label naming its Kubernetes node
+    assert "nvidia.com/gpu" not in resources["requests"]
+    assert group["rayStartParams"] == {"labels": "flotilla.io/k8s-node=$(FLOTILLA_NODE_NAME)"}
     assert not kuberay_errors(one(objects, "RayService"))
 
 

@@ -175,3 +175,29 @@ def test_flotilla_simulate_writes_records_summary_and_plots(tmp_path, capsys):
     assert len(rows) == summary["requests"]["total"] + 1 and rows[0].startswith("number,arrival_s")
     assert "[b]" in capsys.readouterr().out
     assert flotilla(["simulate", str(path), "--variant", "c"]) == 2
+
+
+def test_naming_blocks_lazily_changes_no_result(monkeypatch):
+    """Without shared prefixes the engines name their blocks lazily (`unique_prompts`, for
+    speed); a small KV cache forces preemptions, which must publish what they hold. Every
+    record must equal the eager run's."""
+    from bench.simulator import fleet as sim_fleet
+
+    tight = scenario(fleet={
+        "models": [{"name": "m", "arch": "llama-2-7b", "tokenizer": "byte", "max_model_len": 4096}],
+        "pools": [{"name": "a40", "gpu_type": "A40", "model": "m", "replicas": 1, "max_replicas": 1,
+                   "engine_args": {"num_blocks": 300}}],
+        "routing": {"weights": {"load": 1}},
+        "controller": {"control_period_s": 0.5},
+    })
+    lazy = Simulation(tight)
+    assert lazy.fleet.unique_prompts
+    lazy_result = lazy.run()
+    eager_only = property(lambda self: False, lambda self, value: None)
+    monkeypatch.setattr(sim_fleet.SimFleet, "unique_prompts", eager_only, raising=False)
+    eager = Simulation(tight)
+    assert not eager.fleet.unique_prompts
+    eager_result = eager.run()
+    assert summarize(lazy_result)["disruptions"]["preemptions"] > 0
+    for name in ("number", "ttft_s", "tpot_s", "e2e_s", "cached_tokens", "replica"):
+        assert np.array_equal(lazy_result.records.column(name), eager_result.records.column(name), equal_nan=True)

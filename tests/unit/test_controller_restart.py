@@ -41,8 +41,8 @@ class Cluster:
     def alive(self) -> list[str]:
         return [r for r, fake in self.replicas.items() if not fake.killed]
 
-    def controller(self) -> Controller:
-        return Controller(parse_config(CONFIG), launcher=self.launch, router_launcher=lambda a, s: FakeRouter(a),
+    def controller(self, config: dict = CONFIG) -> Controller:
+        return Controller(parse_config(config), launcher=self.launch, router_launcher=lambda a, s: FakeRouter(a),
                           node_source=lambda: nodes_for("H100", "L4"), clock=self.clock,
                           durable=DurableState(self.memory), attacher=self.attach, discover=self.alive)
 
@@ -165,3 +165,33 @@ async def test_a_readopted_replica_does_not_pass_for_the_replacement_of_a_fault(
     fault = next(f for f in second.recent_faults() if f.target == victim.replica_id)
     assert fault.replaced_by not in (None, survivor.replica_id)
     assert fault.replaced_by in {r.replica_id for r in second.state.live()}
+
+
+async def test_a_redeploy_with_a_changed_config_applies_it_to_the_live_fleet():
+    cluster = Cluster()
+    first = cluster.controller()
+    await settle(first)
+    first.scale_pool("h100", 3)
+    first.cordon_node("node-L4-b")
+    first.update_settings({"routing": {"load_guard": 0.7}})
+    await settle(first)
+    old = {r.replica_id: r.pool for r in first.state.live()}
+
+    changed = {**CONFIG, "pools": [
+        {"name": "h100", "gpu_type": "H100", "model": "m", "replicas": 2, "max_replicas": 4,
+         "max_queue": 64},  # changed: its replicas roll
+        {"name": "a100", "gpu_type": "A100-80GB", "model": "m", "replicas": 1},  # new; l4 is gone
+    ]}
+    second = cluster.controller(changed)
+    assert second.deploy_digest != first.deploy_digest
+    await settle(second, ticks=8)
+    live = {r.replica_id: r.pool for r in second.state.live() if r.state.value == "ready"}
+    assert sorted(live.values()) == ["a100", "h100", "h100"]  # sizes from the new config, not the old intent
+    assert not set(live) & set(old)  # the changed pool rolled; the removed pool's replica is gone
+    assert all(cluster.replicas[r].killed for r, pool in old.items() if pool == "l4")
+    assert second.state.cordoned == {"node-L4-b"}  # the cluster's state stays
+    assert second.config.routing.load_guard != 0.7  # runtime changes belong to the old deploy
+
+    third = cluster.controller(changed)  # a plain restart of the new deploy changes nothing
+    await settle(third)
+    assert {r.replica_id for r in third.state.live()} == {r.replica_id for r in second.state.live()}

@@ -118,6 +118,17 @@ async def test_a_dead_store_loses_its_index_and_a_new_one_starts_on_its_node(har
     n2 = next(s for s in controller.kv_stores() if s.node_id == "n2")
     assert n2.restarts == 1 and n2.alive
     assert controller.metrics["flotilla_kvstore_restarts_total"].labels("n2")._value.get() == 1
+    [fault] = [f for f in controller.faults.records if f.component == "kvstore"]
+    assert (fault.target, fault.cause) == ("n2", "died") and fault.recovered_at is not None
+
+
+async def test_a_store_ray_restarted_between_polls_is_a_fault_too(harness):
+    controller, stores, _, _ = harness
+    await tick(controller)
+    stores["n1"][0].reports = [report("n1", 1, hashes={7}, started_at=2.0)]  # a new incarnation
+    await tick(controller)
+    [fault] = [f for f in controller.faults.records if f.component == "kvstore"]
+    assert (fault.target, fault.cause) == ("n1", "restarted") and fault.recovered_at is not None
 
 
 async def test_a_store_of_a_dead_node_is_forgotten(harness):

@@ -97,4 +97,8 @@ the mounted admin tokens when the chart mounts them.
   valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 - name: FLOTILLA_NODE_NAME
   valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+{{- if not .Values.autoscaler.enabled }}
+- name: FLOTILLA_SCALE_WORKER_GROUPS  {{- /* the controller sizes the worker groups (orchestrator/kube_sync.py) */}}
+  value: "true"
+{{- end }}
 {{- end -}}
