@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,8 +33,17 @@ VIEWER_TOKEN, OPERATOR_TOKEN = "test-viewer-token-0123", "test-operator-token-01
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `chaos` break the session's cluster on purpose (nodes, controller): they run last."""
-    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)  # stable: order kept otherwise
+    """Tests marked `chaos` break the package's cluster on purpose (nodes, controller): they run
+    last among this package's tests (the cluster is torn down when the package ends, before
+    other packages' tests start Ray of their own)."""
+    here = Path(__file__).parent
+    inside = [i for i, item in enumerate(items) if here in Path(item.path).parents]
+    if not inside:
+        return
+    block = [items[i] for i in inside]
+    block.sort(key=lambda item: item.get_closest_marker("chaos") is not None)  # stable: order kept otherwise
+    for i, item in zip(inside, block):
+        items[i] = item
 
 
 def run_async(coroutine):
@@ -74,7 +84,7 @@ class RayTestCluster:
         return self.nodes[node_id].kind
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # not "session": other packages' tests start Ray of their own
 def ray_cluster():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -141,7 +151,7 @@ def fleet_config(model_dir: str, http_port: int, metrics_port: int) -> FleetConf
     })
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet(ray_cluster, local_model_dir) -> Fleet:
     http_port, metrics_port = free_port(), free_port()
     config = fleet_config(str(local_model_dir), http_port, metrics_port)
