@@ -66,10 +66,13 @@ def stream_through(fleet, body: dict, fault) -> tuple[str, str, str]:
     return "".join(c["choices"][0]["text"] for c in chunks), request_id, source
 
 
-def fault_of(fleet, target: str, cause: str | None = None, since: float = 0.0) -> dict | None:
-    """The first fault of `target` (of `cause`) detected at or after `since` (wall-clock seconds)."""
+def fault_of(fleet, target: str, cause: str | None = None, since: float = 0.0,
+             component: str | None = None) -> dict | None:
+    """The first fault of `target` (of `cause`, of `component`) detected at or after `since`
+    (wall-clock seconds). A node's id names both its node fault and its KV store's."""
     return next((f for f in admin(fleet, "GET", "/faults").json() if f["target"] == target
-                 and (cause is None or f["cause"] == cause) and f["detected_at"] >= since), None)
+                 and (cause is None or f["cause"] == cause) and (component is None or f["component"] == component)
+                 and f["detected_at"] >= since), None)
 
 
 def ready_ids(fleet, pool: str | None = None) -> set[str]:
@@ -151,7 +154,7 @@ def test_a_dead_node_takes_its_replicas_which_are_replaced_on_the_other_node(fle
     assert victims
     node = next(n for n in ray_cluster.cluster.worker_nodes if n.node_id == spare)
     ray_cluster.cluster.remove_node(node, allow_graceful=False)
-    fault = wait_for(lambda: fault_of(fleet, spare), timeout_s=60, what="the node's death")
+    fault = wait_for(lambda: fault_of(fleet, spare, component="node"), timeout_s=60, what="the node's death")
     assert (fault["component"], fault["cause"]) == ("node", "died")
     ended = {r.replica_id: r.state for r in fleet.status().replicas if r.replica_id in victims}
     assert set(ended.values()) == {"dead"}, ended  # declared dead with their node (or by their failed poll)
