@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         embedded.start(config, address=args.address, ready_timeout_s=args.ready_timeout)
+        signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs its own, which exits at once
         _print_banner(config)
         threading.Event().wait()
     except KeyboardInterrupt:
