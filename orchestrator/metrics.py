@@ -13,13 +13,14 @@ second (never a call per request), so Prometheus scrapes one target per fleet.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from orchestrator.periodic_flush import PeriodicFlush
 
 disable_created_metrics()  # `*_created` series double the output and no dashboard reads them
 
@@ -187,7 +188,7 @@ class MetricsRegistry:
         start_http_server(port, addr=addr, registry=self.registry)
 
 
-class ObservationBuffer:
+class ObservationBuffer(PeriodicFlush):
     """Collects a data-path process's observations and ships them in batches.
 
     Increments to the same series are summed before shipping, so a batch stays small
@@ -197,13 +198,13 @@ class ObservationBuffer:
 
     def __init__(self, send: Callable[[tuple[Observation, ...]], None], interval_s: float = 1.0,
                  max_samples: int = 50_000):
+        super().__init__()
         self.send = send
         self.interval_s = interval_s
         self.max_samples = max_samples
         self.dropped = 0
         self._sums: dict[tuple[str, tuple[str, ...], str], float] = defaultdict(float)
         self._samples: list[Observation] = []
-        self._task: asyncio.Task | None = None
 
     def inc(self, name: str, labels: tuple[str, ...], value: float = 1.0) -> None:
         self._sums[(name, labels, "inc")] += value
@@ -225,16 +226,6 @@ class ObservationBuffer:
         if batch:
             self.send(batch)
         return len(batch)
-
-    def start(self) -> None:
-        """Flush every `interval_s` from the running loop (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush_forever())
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            self.flush()
 
 
 def _make(spec: MetricSpec, registry: CollectorRegistry):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from orchestrator.placement_planner import PlanOutcome
 from orchestrator.placement_transition import PlacementTransition
+from policies.packing import Unplaced
 from policies.replanning import PoolChange
 
 
@@ -86,13 +87,6 @@ class NodeNeed:
     gpu_type: str
     gpus_per_node: int
     count: int
-
-
-@dataclass(frozen=True)
-class Unplaced:
-    pool: str
-    count: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -178,5 +172,5 @@ def _node_plan(outcome: PlanOutcome) -> NodePlan | None:
     if packing is None:
         return None
     return NodePlan(tuple(NodeNeed(r.shape.gpu_type, r.shape.gpus, r.count) for r in packing.missing_nodes),
-                    packing.idle_nodes, tuple(Unplaced(u.pool, u.count, u.reason) for u in packing.unplaced),
+                    packing.idle_nodes, packing.unplaced,
                     packing.power_watts)

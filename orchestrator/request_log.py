@@ -13,13 +13,11 @@ Units: wall-clock seconds, tokens.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from orchestrator.periodic_flush import PeriodicFlush
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +35,7 @@ class FinishedRequest:
                              f"{self.prompt_tokens} and {self.output_tokens}")
 
 
-class RequestLog:
+class RequestLog(PeriodicFlush):
     """Buffers `FinishedRequest`s and hands them to `send` every `interval_s`."""
 
     def __init__(self, send: Callable[[tuple[FinishedRequest, ...]], None], interval_s: float = 1.0,
@@ -45,11 +43,11 @@ class RequestLog:
         if max_records < 1 or not interval_s > 0:
             raise ValueError(f"RequestLog needs max_records >= 1 and interval_s > 0, got "
                              f"{max_records}, {interval_s}")
+        super().__init__()
         self.send = send
         self.interval_s = interval_s
         self.dropped = 0  # records lost to the bound since the log was made
         self._records: deque[FinishedRequest] = deque(maxlen=max_records)
-        self._task: asyncio.Task | None = None
 
     def add(self, record: FinishedRequest) -> None:
         if len(self._records) == self._records.maxlen:
@@ -63,16 +61,3 @@ class RequestLog:
         if batch:
             self.send(batch)
         return len(batch)
-
-    def start(self) -> None:
-        """Flush every `interval_s` from the running loop (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush_forever())
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 — a lost batch must not stop the next ones
-                log.exception("could not ship finished requests to the controller")

@@ -212,7 +212,7 @@ class Injector:
                 if r.status_code == 200:
                     return r.json()
             except httpx.HTTPError:
-                pass
+                pass  # the admin API may be down mid-fault: ask again until the deadline
             if time.monotonic() > deadline:
                 raise RuntimeError("the admin API gave no replica list for 30s")
             await asyncio.sleep(0.5)

@@ -10,6 +10,7 @@ would be a duplicate).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,10 +41,8 @@ class Monitor:
                                      headers={"Authorization": f"Bearer {self.token}"}) as http:
             while not stop.is_set():
                 await self.poll(http)
-                try:
+                with contextlib.suppress(TimeoutError):  # the period passed without a stop
                     await asyncio.wait_for(stop.wait(), self.period_s)
-                except TimeoutError:
-                    pass
             await self.poll(http)
 
     async def poll(self, http: httpx.AsyncClient) -> None:

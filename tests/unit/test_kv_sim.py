@@ -139,7 +139,7 @@ class FakeLink:
         return self.stores.get(node_id)
 
     def forget(self, node_id):
-        pass
+        """A real link drops its cached handle to a dead store; these stores are plain dicts."""
 
     async def plan(self, model_id, hashes) -> LoadPlan:
         local = self.stores[self.node_id].leading(hashes) if self.node_id in self.stores else 0
