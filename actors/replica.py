@@ -13,9 +13,11 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from actors.engines import make_engine
 from actors.engines.base import (
+    EngineError,
     EngineStats,
     FinishReason,
     GenerationRequest,
@@ -36,7 +38,12 @@ from actors.power import (
     apply_action,
 )
 from actors.replica_spec import ReplicaSpec
+from actors.resume_ahead import ResumeAhead
 from policies.power_snapshot import PowerAction
+
+# Longest a migration's switch waits for the request's next token before stopping it anyway
+# (seconds): a decode step is milliseconds; a long prefill step sharing the batch may not be.
+SWITCH_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class ModelReplica:
         self.spec = spec
         self.engine = make_engine(spec)
         self._moved: dict[str, str] = {}  # request id -> the replica it was handed off to
+        # request id -> the handoff waiting for its next token (see `handoff`)
+        self._switch_after_token: dict[str, asyncio.Future[RequestSnapshot]] = {}
+        self._resume_on: dict[str, Any] = {}  # request id -> the target told at the switch (a ReplicaClient)
+        self._ahead = ResumeAhead(self.engine.abort)  # handed-off requests started here before asked for
+        self._serving: set[str] = set()  # request ids with a `generate` stream open here
         self._prefetches = itertools.count()
         self._info: ReplicaInfo | None = None
         self._starting = asyncio.Lock()
@@ -98,10 +110,21 @@ class ModelReplica:
         A request handed off (`handoff`) ends here with ABORT naming the replica that
         continues it, so the stream's owner resumes it there.
         """
-        async for delta in self.engine.generate(request):
-            if delta.finish_reason is FinishReason.ABORT and request.request_id in self._moved:
-                delta = replace(delta, migrated_to=self._moved.pop(request.request_id))
-            yield delta
+        rid = request.request_id
+        self._serving.add(rid)
+        try:
+            deltas = await self._ahead.claim(request) or self.engine.generate(request)
+            async for delta in deltas:
+                if delta.token_ids and not delta.finished and rid in self._switch_after_token:
+                    await self._stop_for_handoff(rid, self._switch_after_token.pop(rid))
+                if delta.finish_reason is FinishReason.ABORT and rid in self._moved:
+                    delta = replace(delta, migrated_to=self._moved.pop(rid))
+                yield delta
+        finally:
+            self._serving.discard(rid)
+            waiting = self._switch_after_token.pop(rid, None)
+            if waiting is not None and not waiting.done():  # it ended here first: nothing to hand off
+                waiting.set_exception(UnknownRequest(rid))
 
     async def prefetch(self, request: GenerationRequest) -> PrefetchResult:
         """Migration pre-copy: bring `request`'s context into this engine's prefix cache.
@@ -125,18 +148,73 @@ class ModelReplica:
             reused = max(reused, delta.num_cached_tokens)
         return PrefetchResult(len(context), reused, time.monotonic() - began)
 
-    async def handoff(self, request_id: str, target_replica_id: str) -> RequestSnapshot:
+    async def handoff(self, request_id: str, target_replica_id: str, target: Any = None) -> RequestSnapshot:
         """Migration switch: stop the request here; its stream ends naming `target_replica_id`.
 
-        Raises UnknownRequest when the request is no longer here (it finished, or its
-        client left), in which case nothing is handed off.
+        A decoding request is stopped right after its next token (within `SWITCH_WAIT_S`):
+        the client's stall then starts at a token it has, rather than part-way through a
+        step whose token would be thrown away. A queued one is stopped at once. With
+        `target` (the target's `ReplicaClient`), the target is told to start the request
+        as it stopped (`resume_ahead`) while the stream's owner learns of the switch.
+        Returns the request as it stood when stopped. Raises UnknownRequest when the
+        request is no longer here (it finished, or its client left), in which case nothing
+        is handed off.
         """
         snapshot = self.engine.snapshot(request_id)
         self._moved[request_id] = target_replica_id
-        if not await self.engine.abort(request_id):
+        if target is not None:
+            self._resume_on[request_id] = target
+        try:
+            if snapshot.request.output_token_ids and request_id not in self._switch_after_token:
+                switched = asyncio.get_running_loop().create_future()
+                self._switch_after_token[request_id] = switched
+                try:
+                    return await asyncio.wait_for(asyncio.shield(switched), SWITCH_WAIT_S)
+                except TimeoutError:  # no token in time (preempted, paused): stop it where it is
+                    if self._switch_after_token.pop(request_id, None) is None:
+                        return await switched  # the token came as the wait ran out
+            snapshot = self.engine.snapshot(request_id)
+            if not await self.engine.abort(request_id):
+                raise UnknownRequest(request_id)
+            self._tell_target(snapshot)
+            return snapshot
+        except UnknownRequest:
             self._moved.pop(request_id, None)
-            raise UnknownRequest(request_id)
-        return snapshot
+            raise
+        finally:
+            self._resume_on.pop(request_id, None)
+
+    async def _stop_for_handoff(self, request_id: str, switched: asyncio.Future[RequestSnapshot]) -> None:
+        """Stop a request handed off, just after the token its stream now carries."""
+        try:
+            snapshot = self.engine.snapshot(request_id)
+            if not await self.engine.abort(request_id):
+                raise UnknownRequest(request_id)
+        except Exception as e:  # the handoff's caller hears of it; the stream goes on as the engine says
+            switched.set_exception(e)
+        else:
+            self._tell_target(snapshot)
+            switched.set_result(snapshot)
+
+    def _tell_target(self, snapshot: RequestSnapshot) -> None:
+        """Fire and forget: the target starts the stopped request now (see `resume_ahead`)."""
+        target = self._resume_on.pop(snapshot.request.request_id, None)
+        if target is not None:
+            target.resume_ahead(snapshot.request)
+
+    async def resume_ahead(self, request: GenerationRequest) -> None:
+        """Migration switch, target side: start `request`, just handed off to this replica,
+        before its stream's owner asks; the owner's `generate` for it takes the stream over
+        (`actors.resume_ahead`). Called by the source. Does nothing when the owner asked
+        already or the engine refuses it (the owner's own call meets the same answer)."""
+        rid = request.request_id
+        if rid in self._serving or rid in self._ahead:
+            return
+        try:
+            deltas = self.engine.generate(request)
+        except EngineError:
+            return
+        self._ahead.start(request, deltas)
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)
@@ -191,6 +269,7 @@ class ModelReplica:
         return apply_action(self._power, self._power.gpus(), action)
 
     async def shutdown(self) -> None:
+        await self._ahead.close()
         if self._checkpointer is not None:
             await self._checkpointer.stop()
         await self.engine.shutdown()

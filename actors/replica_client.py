@@ -93,8 +93,18 @@ class ReplicaClient:
     async def prefetch(self, request: GenerationRequest, timeout_s: float = 120.0) -> PrefetchResult:
         return await self._call(self._handle.prefetch.remote(request), timeout_s)
 
-    async def handoff(self, request_id: str, target_replica_id: str, timeout_s: float = 5.0) -> RequestSnapshot:
-        return await self._call(self._handle.handoff.remote(request_id, target_replica_id), timeout_s)
+    async def handoff(self, request_id: str, target_replica_id: str, target: ReplicaClient | None = None,
+                      timeout_s: float = 5.0) -> RequestSnapshot:
+        """Stop the request at a token and end its stream naming the target; with `target`
+        (its client), the source also starts it there directly (`ModelReplica.resume_ahead`)."""
+        return await self._call(self._handle.handoff.remote(request_id, target_replica_id, target), timeout_s)
+
+    def resume_ahead(self, request: GenerationRequest) -> None:
+        """Fire and forget (a source replica's call at a migration's switch): if it is lost,
+        the stream's owner starts the request on this replica itself."""
+        ref = self._handle.resume_ahead.remote(request)
+        # read the outcome when it lands, so a dead target is not reported as an unhandled error
+        ref.future().add_done_callback(lambda done: done.exception())
 
     async def pause(self, timeout_s: float = 10.0) -> None:
         await self._call(self._handle.pause.remote(), timeout_s)

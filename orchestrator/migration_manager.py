@@ -164,7 +164,7 @@ class MigrationManager:
             self._abort(m, AbortReason.TARGET_NOT_READY)
             return
         m.switch(self.clock())
-        await source.handoff(m.request_id, m.target)
+        await source.handoff(m.request_id, m.target, target)
 
     def _target_lost(self, target: str) -> bool:
         record = self.state.get(target)

@@ -89,6 +89,8 @@ class RequestStream:
                     fresh = self._accept(delta)
                     if fresh is not None:
                         yield fresh
+                    if handed_to is not None:
+                        break  # handed off: resume on the target now, not once the source's stream closes
                 if self.finish_reason is None and handed_to is not None:
                     self._switching = Migration(replica.replica_id, handed_to, self.last_token_at)
                 elif self.finish_reason is None:

@@ -18,33 +18,32 @@ from collections.abc import Sequence
 _ROOT = 0
 
 
-def _digest(parent: int, tokens: Sequence[int], model_id: str) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack("<Q", parent))
-    h.update(model_id.encode())
-    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
-    return int.from_bytes(h.digest(), "little")
-
-
 def block_hashes(token_ids: Sequence[int], block_size: int, model_id: str) -> tuple[int, ...]:
     """Hashes of every full block of `token_ids`, in order."""
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    hashes: list[int] = []
-    parent = _ROOT
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = _digest(parent, token_ids[start : start + block_size], model_id)
-        hashes.append(parent)
-    return tuple(hashes)
+    return extend_block_hashes((), token_ids, block_size, model_id)
 
 
 def extend_block_hashes(
     known: tuple[int, ...], token_ids: Sequence[int], block_size: int, model_id: str
 ) -> tuple[int, ...]:
-    """`block_hashes(token_ids, ...)` reusing the first `len(known)` hashes already computed."""
+    """`block_hashes(token_ids, ...)` reusing the first `len(known)` hashes already computed.
+
+    Block i's digest is BLAKE2b-64 over its parent's hash (8 bytes, little-endian), the
+    model id (UTF-8) and its token ids (4 bytes each, little-endian).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     hashes = list(known)
     parent = known[-1] if known else _ROOT
-    for start in range(len(known) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = _digest(parent, token_ids[start : start + block_size], model_id)
-        hashes.append(parent)
+    first, full = len(known), len(token_ids) // block_size
+    if full > first:
+        # one packing of every new token, then a slice per block: packing per block costs more than hashing
+        data = struct.pack(f"<{(full - first) * block_size}I", *token_ids[first * block_size : full * block_size])
+        model, stride = model_id.encode(), 4 * block_size
+        for offset in range(0, len(data), stride):
+            h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
+            h.update(model)
+            h.update(data[offset : offset + stride])
+            parent = int.from_bytes(h.digest(), "little")
+            hashes.append(parent)
     return tuple(hashes)

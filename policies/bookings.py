@@ -82,6 +82,7 @@ class Bookings:
         self._latest_now = float("-inf")
         # per-row totals for the last table asked about, kept current on every change
         self._rows: tuple[Mapping[str, int], np.ndarray, np.ndarray] | None = None
+        self._read_only_rows: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
 
     def __len__(self) -> int:
         return len(self._live)
@@ -154,7 +155,8 @@ class Bookings:
                 if i is not None:
                     requests[i], tokens[i] = t.requests, t.prompt_tokens
             self._rows = (index_of, requests, tokens)
-        return _read_only(self._rows[1]), _read_only(self._rows[2])
+            self._read_only_rows = (_read_only(requests), _read_only(tokens))  # views: they follow the updates
+        return self._read_only_rows
 
     def live(self) -> tuple[Booking, ...]:
         """Every live booking, own and merged."""

@@ -17,17 +17,22 @@ each seeing the moves of those before it:
    small running requests off one would make room: those move off the replica needing
    the fewest blocks freed (its own replica on a tie) and, if that is another replica,
    the queued request moves onto it. All of it, or nothing.
-4. BALANCE: per model, while the most loaded READY replica (usage >= high_load) and the
-   least loaded (usage <= low_load) differ by more than balance_gap, the request with the
-   fewest KV blocks to copy (queued ones have none) moves from the first to the second,
-   so long as the target does not end up more loaded than the source.
+4. BALANCE: first, a queued request that cannot start where it waits (the blocks in use
+   there and those of the requests queued ahead of it leave too little room) goes to the
+   READY replica where it would start at once (after that replica's own queue), the one
+   it leaves least loaded: a re-dispatch, nothing is copied, and its cooldown does not
+   hold it, as it only ever moves to start. Then, per model, while the most loaded READY
+   replica (usage >= high_load) and the least loaded (usage <= low_load) differ by more
+   than balance_gap, the request with the fewest KV blocks to copy (queued ones have
+   none) moves from the first to the second, so long as the target does not end up more
+   loaded than the source.
 
 Everywhere: a target is READY, serves the source's model, is not the source, and has
 room: KV blocks beyond its headroom for a running request, a queue slot (and capacity it
 could ever run in) for a queued one. A request moves at most once; never while it is
 migrating already or listed on two replicas (a handoff), inside its cooldown (`now -
 arrived_at < cooldown_s`: a migrated request arrives afresh on its target, so this also
-stops one from bouncing back), or with fewer than `min_remaining_tokens` left to
+stops one from bouncing back; save the queued re-dispatch of rule 4), or with fewer than `min_remaining_tokens` left to
 generate. KV copies (running requests) count against `max_per_replica` (as source or
 target), `max_concurrent` and the bandwidth budget, with those already in flight;
 re-dispatching a queued request copies nothing and counts against none of them. Ties
@@ -52,7 +57,7 @@ __all__ = ["InFlightMigration", "MigrationDecision", "MigrationPlan", "Migration
            "MigrationSettings", "apply_plan_to_view", "plan_migrations"]
 
 _READY, _DRAINING = ReplicaState.READY, ReplicaState.DRAINING
-_MIGRATING, _MOVED = "migrating already", "moved in this plan"
+_MIGRATING, _MOVED, _COOLDOWN = "migrating already", "moved in this plan", "in cooldown"
 
 
 class MigrationReason(str, enum.Enum):
@@ -298,7 +303,32 @@ class _Planner:
             self.notes.append(f"defragment {model}: {len(requests)} queued request(s) fit on no replica and "
                               f"none can free enough KV blocks (first: {requests[0].request_id})")
 
+    def unqueue(self) -> None:
+        """Queued requests that cannot start where they wait go where they start at once."""
+        for r in self._in_state(_READY):
+            queued = sorted((q for q in r.requests if not q.running), key=lambda q: (q.arrived_at, q.request_id))
+            ahead = 0  # blocks of the queued requests ahead that stay
+            for q in queued:
+                blocks = q.kv_blocks(r.block_size)
+                target = None
+                if self.ledger.room(r.replica_id, q) - ahead < blocks and self._hold(q) in (None, _COOLDOWN):
+                    target = self._start_now(q, r.replica_id)
+                if target is None:
+                    ahead += blocks
+                else:
+                    self._move(q, r.replica_id, target, MigrationReason.BALANCE)
+
+    def _start_now(self, q: RequestStatus, source: str) -> str | None:
+        """The READY replica of the source's model where queued `q` would start at once (its
+        own queue started first), leaving it least loaded; None if there is none."""
+        src, ledger = self.ledger.replica(source), self.ledger
+        starts = [r.replica_id for r in self._in_state(_READY) if r.model == src.model and r.replica_id != source
+                  and ledger.queue_room(r.replica_id) > 0
+                  and ledger.room_after_queue(r.replica_id, q) >= q.kv_blocks(r.block_size)]
+        return min(starts, key=lambda rid: (ledger.usage_with(rid, q), rid), default=None)
+
     def balance(self) -> None:
+        self.unqueue()
         for model in sorted({r.model for r in self._in_state(_READY)}):
             ready = [r.replica_id for r in self._in_state(_READY) if r.model == model]
             moved, refused = self._balance_once(ready)
@@ -386,7 +416,7 @@ class _Planner:
         if q.remaining_tokens < self.settings.min_remaining_tokens:
             return "about to finish"
         if self.now - q.arrived_at < self.settings.cooldown_s:
-            return "in cooldown"
+            return _COOLDOWN
         return None
 
     def _has_room(self, replica_id: str, q: RequestStatus) -> bool:

@@ -15,7 +15,7 @@ Units: seconds, tokens, bytes, FLOP/s, bytes/s.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
@@ -48,6 +48,9 @@ OP_GROUP: Mapping[str, str] = MappingProxyType({
 })
 OPS: tuple[str, ...] = tuple(OP_GROUP)
 PHASES: tuple[str, ...] = ("prefill", "decode")
+# operators called once per layer on every token, in step order (attention aside)
+_PER_LAYER = ("qkv_proj", "rope", "kv_write", "out_proj", "residual_add", "mlp_up", "mlp_act", "mlp_down")
+_DENSE_MEMO_SIZE = 1 << 16  # memoised dense partial sums per model: (tokens, logit rows) pairs
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class BatchShape:
     prefill_context_tokens: int = 0  # sum of the chunks' cached contexts (KV tokens read back)
 
     def __post_init__(self) -> None:
+        p, a, d, c = self.prefill_tokens, self.prefill_attention_pairs, self.decode_seqs, self.decode_context_tokens
+        s, x = self.prefill_seqs, self.prefill_context_tokens
+        # Shapes are built per engine step: check the usual valid one in a single expression
+        # (plain ints, then every rule below), and go field by field only to name a fault.
+        if (type(p) is int and type(a) is int and type(d) is int and type(c) is int and type(s) is int
+                and type(x) is int and d >= 0 and 0 <= s <= p <= a and x >= 0
+                and (c > 0 if d else c == 0) and c >= d and (p or not (a or s or x))):
+            return
         for name, value in vars(self).items():
             if not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"BatchShape.{name} must be a non-negative integer, got {value!r}")
@@ -162,6 +173,11 @@ class StepBreakdown:
                              self.comm_s * factor, self.overhead_s * factor)
 
 
+def _times(work: OpWork, calls: int) -> OpWork:
+    """`work` called `calls` times per step (built directly: `dataclasses.replace` is slow)."""
+    return OpWork(work.op, work.flops, work.bytes, work.size, work.context, calls)
+
+
 def roofline_seconds(flops, nbytes, gpu: GpuSpec, roofline: Roofline):
     """Seconds of one kernel call doing `flops` and moving `nbytes` (floats or arrays)."""
     return roofline.latency_s + np.maximum(flops / (gpu.bf16_flops * roofline.mfu),
@@ -203,6 +219,7 @@ class StepTimeModel:
         self._elements = {"embed": 2 * h, "norm": 3 * h, "rope": 2 * (q + kv) * hd,
                           "kv_write": 4 * kv * hd, "residual_add": 3 * h, "mlp_act": 3 * inter,
                           "all_reduce": h}
+        self._dense_memo: dict[tuple[int, int], tuple[float, float, float]] = {}
 
     def __repr__(self) -> str:
         return (f"StepTimeModel({self.gpu.name}, {self.model.name}, tp={self.tp}, "
@@ -217,17 +234,23 @@ class StepTimeModel:
         if size < 0 or context < 0:
             raise ValueError(f"op_work({op!r}): size and context must not be negative, "
                              f"got {size}, {context}")
-        b, t = self.model.dtype_bytes, size
+        t = size
         if op == "attn_prefill":
             return self._attn_prefill(t, t * context + t * (t + 1) // 2, t + context, context)
         if op == "attn_decode":
             return self._attn_decode(t, t * context, context)
-        if op in self._gemm_shapes:
-            k, n = self._gemm_shapes[op]
-            return OpWork(op, 2 * t * k * n, b * (k * n + t * (k + n)), t, 0)
-        if op not in self._elements:
+        if op not in self._gemm_shapes and op not in self._elements:
             raise KeyError(f"unknown operator {op!r} (known: {', '.join(OPS)})")
-        return OpWork(op, 0.0, b * t * self._elements[op], t, 0)
+        flops, nbytes = self._dense_work(op, t)
+        return OpWork(op, flops, nbytes, t, 0)
+
+    def _dense_work(self, op: str, t: int) -> tuple[float, float]:
+        """(FLOPs, bytes) of one call of a GEMM or elementwise operator `op` over `t` rows."""
+        shape = self._gemm_shapes.get(op)
+        if shape is not None:
+            k, n = shape
+            return 2 * t * k * n, self.model.dtype_bytes * (k * n + t * (k + n))
+        return 0.0, self.model.dtype_bytes * t * self._elements[op]
 
     def _attn_prefill(self, tokens: int, pairs: int, kv_tokens: int,
                       context: int | None) -> OpWork:
@@ -244,64 +267,100 @@ class StepTimeModel:
         """Every operator call of one step, each with its count of calls."""
         if batch.is_empty:
             return ()
-        layers, t = self.model.layers, batch.tokens
-        per_layer = ["qkv_proj", "rope", "kv_write", "out_proj", "residual_add", "mlp_up",
-                     "mlp_act", "mlp_down"]
-        ops = [self._times(self.op_work("embed", t), 1),
-               self._times(self.op_work("norm", t), 2 * layers + 1),
-               self._times(self.op_work("lm_head", batch.logit_rows), 1)]
-        ops += [self._times(self.op_work(op, t), layers) for op in per_layer]
+        return self._dense_ops(batch.tokens, batch.logit_rows) + self._attention_ops(batch)
+
+    def _dense_ops(self, tokens: int, logit_rows: int) -> tuple[OpWork, ...]:
+        """The calls whose work depends on the step's row counts alone: every operator
+        but attention, in `step_ops` order."""
+        return tuple(_times(self.op_work(op, size), calls) for op, size, calls in self._dense_calls(tokens, logit_rows))
+
+    def _dense_calls(self, tokens: int, logit_rows: int) -> list[tuple[str, int, int]]:
+        """(operator, size, calls per step) of `_dense_ops`, in its order."""
+        layers = self.model.layers
+        calls = [("embed", tokens, 1), ("norm", tokens, 2 * layers + 1), ("lm_head", logit_rows, 1)]
+        calls += [(op, tokens, layers) for op in _PER_LAYER]
         if self.tp > 1:
-            ops.append(self._times(self.op_work("all_reduce", t), 2 * layers))
+            calls.append(("all_reduce", tokens, 2 * layers))
+        return calls
+
+    def _attention_ops(self, batch: BatchShape) -> tuple[OpWork, ...]:
+        """The attention calls of step `batch`, after the dense ones in `step_ops` order."""
+        layers, ops = self.model.layers, []
         if batch.prefill_tokens:
             work = self._attn_prefill(batch.prefill_tokens, batch.prefill_attention_pairs,
                                       batch.prefill_tokens + batch.prefill_context_tokens,
                                       batch.prefill_equivalent_context())
-            ops.append(self._times(work, layers))
+            ops.append(_times(work, layers))
         if batch.decode_seqs:
             ctx = batch.decode_context_tokens
             work = self._attn_decode(batch.decode_seqs, ctx, round(ctx / batch.decode_seqs))
-            ops.append(self._times(work, layers))
+            ops.append(_times(work, layers))
         return tuple(ops)
-
-    @staticmethod
-    def _times(work: OpWork, calls: int) -> OpWork:
-        return replace(work, calls=calls)
 
     # -- time ------------------------------------------------------------------------
 
     def op_time(self, work: OpWork) -> OpTime:
         """The time of one call of `work`: measured where the profile covers it, else
         the roofline (the all-reduce: `allreduce_seconds`)."""
-        group = OP_GROUP[work.op]
+        seconds, compute_bound, measured = self._seconds(work.op, work.flops, work.bytes, work.size, work.context)
+        return OpTime(work.op, seconds, compute_bound, measured, work.calls)
+
+    def _seconds(self, op: str, flops: float, nbytes: float, size: int,
+                 context: int | None) -> tuple[float, bool, bool]:
+        """`op_time` of one call of `op` (see `OpWork` for the rest) as (seconds,
+        compute-bound, measured), building no object."""
+        group = OP_GROUP[op]
         if group == "comm":
-            modeled, compute_bound = float(allreduce_seconds(work.bytes, self.tp, self.gpu,
+            modeled, compute_bound = float(allreduce_seconds(nbytes, self.tp, self.gpu,
                                                              self.efficiency)), False
         else:
             roof = self.efficiency.group(group)
-            compute_s = work.flops / (self.gpu.bf16_flops * roof.mfu)
-            memory_s = work.bytes / (self.gpu.hbm_bytes_per_s * roof.mbu)
+            compute_s = flops / (self.gpu.bf16_flops * roof.mfu)
+            memory_s = nbytes / (self.gpu.hbm_bytes_per_s * roof.mbu)
             modeled = roof.latency_s + max(compute_s, memory_s)
             compute_bound = compute_s >= memory_s
         measured = None
-        if self.profile is not None and work.context is not None:
-            measured = self.profile.lookup(work.op, work.size, work.context)
-        seconds = modeled if measured is None else measured
-        return OpTime(work.op, seconds, compute_bound, measured is not None, work.calls)
+        if self.profile is not None and context is not None:
+            measured = self.profile.lookup(op, size, context)
+        if measured is None:
+            return modeled, compute_bound, False
+        return measured, compute_bound, True
 
     def breakdown(self, batch: BatchShape) -> StepBreakdown:
         """Where the time of step `batch` goes; all zeros for an empty batch."""
         if batch.is_empty:
             return StepBreakdown()
-        parts = {"compute": 0.0, "memory": 0.0, "comm": 0.0}
-        for work in self.step_ops(batch):
-            t = self.op_time(work)
-            part = "comm" if work.op == "all_reduce" else "compute" if t.compute_bound else "memory"
-            parts[part] += t.seconds * t.calls
-        modeled = StepBreakdown(parts["compute"], parts["memory"], parts["comm"],
-                                self.efficiency.step_overhead_s)
+        # The parts are sums in `step_ops` order; the dense calls come first and depend on
+        # two row counts only, so their partial sums are memoised and attention added on.
+        compute, memory, comm = self._dense_parts(batch.tokens, batch.logit_rows)
+        for work in self._attention_ops(batch):
+            seconds, compute_bound, _ = self._seconds(work.op, work.flops, work.bytes, work.size, work.context)
+            if compute_bound:
+                compute += seconds * work.calls
+            else:
+                memory += seconds * work.calls
+        modeled = StepBreakdown(compute, memory, comm, self.efficiency.step_overhead_s)
         measured = self._measured_phase(batch)
         return modeled if measured is None else modeled.scaled(measured / modeled.total_s)
+
+    def _dense_parts(self, tokens: int, logit_rows: int) -> tuple[float, float, float]:
+        """(compute, memory, comm) seconds of the dense calls, summed in `step_ops` order."""
+        key = (tokens, logit_rows)
+        parts = self._dense_memo.get(key)
+        if parts is None:
+            compute = memory = comm = 0.0
+            for op, size, calls in self._dense_calls(tokens, logit_rows):
+                seconds, compute_bound, _ = self._seconds(op, *self._dense_work(op, size), size, 0)
+                if op == "all_reduce":
+                    comm += seconds * calls
+                elif compute_bound:
+                    compute += seconds * calls
+                else:
+                    memory += seconds * calls
+            if len(self._dense_memo) >= _DENSE_MEMO_SIZE:
+                self._dense_memo.clear()
+            parts = self._dense_memo[key] = (compute, memory, comm)
+        return parts
 
     def _measured_phase(self, batch: BatchShape) -> float | None:
         if self.profile is None:

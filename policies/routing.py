@@ -193,10 +193,50 @@ class RoutingTable:
             def col(name: str) -> np.ndarray:
                 return c[name][rows]
         queued = (col("waiting_prompt_tokens") + booked_tokens) / col("block_size")
-        kv = _ratio(col("kv_blocks_used") + queued, col("kv_blocks_total"))
-        queue = _ratio(col("waiting") + booked_requests, col("max_queue"))
+        kv = _ratio(col("kv_blocks_used") + queued, col("kv_blocks_total"), self.positive("kv_blocks_total"))
+        queue = _ratio(col("waiting") + booked_requests, col("max_queue"), self.positive("max_queue"))
         throughput = self._throughput() if rows is None else self._throughput()[rows]
         return np.minimum(np.maximum(np.maximum(kv, queue), throughput), 1.0)
+
+    def positive(self, name: str) -> bool:
+        """Whether numeric column `name` is > 0 on every row (then a ratio over it needs
+        no guard against a zero denominator); the view's own, so computed once."""
+        key = "positive:" + name
+        flag = self._derived.get(key)
+        if flag is None:
+            flag = self._derived[key] = bool((self.columns[name] > 0).all())
+        return flag
+
+    def every_row_mask(self) -> np.ndarray:
+        """All True, read-only: what a filter that drops no row returns (the router then
+        skips it when combining masks)."""
+        mask = self._derived.get("every_row_mask")
+        if mask is None:
+            mask = self._derived["every_row_mask"] = _frozen(np.ones(len(self), dtype=bool))
+        return mask
+
+    def min_kv_capacity_tokens(self) -> float:
+        """The smallest KV cache of any row, tokens (inf for an empty table)."""
+        least = self._derived.get("min_kv_capacity")
+        if least is None:
+            cap = self.kv_capacity_tokens
+            least = self._derived["min_kv_capacity"] = float(cap.min()) if cap.size else float("inf")
+        return least
+
+    def uniform(self, name: str) -> float | None:
+        """The value of numeric column `name` when every row has the same one, else None."""
+        key = "uniform:" + name
+        if key not in self._derived:
+            col = self.columns[name]
+            self._derived[key] = float(col[0]) if col.size and (col == col[0]).all() else None
+        return self._derived[key]
+
+    def all_rows(self) -> np.ndarray:
+        """Every row index, ascending (the candidates when no filter drops a row)."""
+        rows = self._derived.get("all_rows")
+        if rows is None:
+            rows = self._derived["all_rows"] = _frozen(np.arange(len(self)))
+        return rows
 
     def _throughput(self) -> np.ndarray:
         """tokens_per_s / max_batch_tokens_per_s per row: the view's own, so computed once."""
@@ -239,9 +279,15 @@ def _validate(reps: tuple[ReplicaSnapshot, ...], cols: Mapping[str, np.ndarray])
             )
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den, and 1 (full) where den is 0."""
+def _ratio(num: np.ndarray, den: np.ndarray, positive: bool = False) -> np.ndarray:
+    """num / den, and 1 (full) where den is 0; `positive`: the caller knows den > 0 throughout."""
+    if positive:
+        return num / den
     return np.divide(num, den, out=np.ones_like(num), where=den > 0)
+
+
+_min, _max = np.minimum.reduce, np.maximum.reduce  # what ndarray.min/max run, without their wrappers
+_any, _all = np.logical_or.reduce, np.logical_and.reduce
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -258,7 +304,10 @@ def serves_model(request: RoutingRequest, table: RoutingTable) -> np.ndarray:
 
 def fits_context(request: RoutingRequest, table: RoutingTable) -> np.ndarray:
     """The whole sequence (prompt + max_tokens) fits in the replica's KV cache."""
-    return table.kv_capacity_tokens >= request.prompt_tokens + request.max_tokens
+    need = request.prompt_tokens + request.max_tokens
+    if need <= table.min_kv_capacity_tokens():
+        return table.every_row_mask()
+    return table.kv_capacity_tokens >= need
 
 
 def accepting(request: RoutingRequest, table: RoutingTable) -> np.ndarray:
@@ -266,6 +315,8 @@ def accepting(request: RoutingRequest, table: RoutingTable) -> np.ndarray:
 
 
 def not_excluded(request: RoutingRequest, table: RoutingTable) -> np.ndarray:
+    if not request.exclude:
+        return table.every_row_mask()
     mask = np.ones(len(table), dtype=bool)
     for replica_id in request.exclude:
         i = table.index_of.get(replica_id)
@@ -303,11 +354,11 @@ def load_guard(utilisation: np.ndarray, guard: float) -> np.ndarray:
 
 def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """Weighted mean of the scorers' arrays (each in [0, 1]); the result is in [0, 1]."""
-    total = sum(weights[name] for name in scores)
+    total = sum([weights[name] for name in scores])
     combined = np.zeros(len(next(iter(scores.values()))))
     for name, s in scores.items():
         combined += (weights[name] / total) * s
-    return np.minimum(combined, 1.0)  # rounding can overshoot by an ulp
+    return np.minimum(combined, 1.0, out=combined)  # rounding can overshoot by an ulp
 
 
 def best_index(score: np.ndarray, utilisation: np.ndarray, id_rank: np.ndarray) -> int:
@@ -315,10 +366,12 @@ def best_index(score: np.ndarray, utilisation: np.ndarray, id_rank: np.ndarray) 
 
     A total order over candidates, so the pick never depends on their order.
     """
-    tied = np.flatnonzero(score == score.max())
-    if tied.size > 1:
-        tied = tied[utilisation[tied] == utilisation[tied].min()]
-    return int(tied[np.argmin(id_rank[tied])])
+    # (ufunc reductions and methods directly: the numpy wrappers cost more than the work)
+    tied = (score == _max(score)).nonzero()[0]
+    if tied.size == 1:
+        return int(tied[0])
+    tied = tied[utilisation[tied] == _min(utilisation[tied])]
+    return int(tied[id_rank[tied].argmin()])
 
 
 class Router:
@@ -362,28 +415,24 @@ class Router:
         Pure: nothing is booked here; the caller books the pick once it sends it.
         """
         _check_request(request)
-        mask = np.ones(len(table), dtype=bool)
-        for keep, refusal, message in FILTERS:
-            mask &= keep(request, table)
-            if not mask.any():
-                need = request.prompt_tokens + request.max_tokens
-                return RoutingDecision(
-                    request.request_id,
-                    table.version,
-                    None,
-                    refusal=refusal,
-                    reason=message.format(model=request.model, need=need),
-                )
-        candidates = np.flatnonzero(mask)
+        masks = [keep(request, table) for keep, _, _ in FILTERS]
+        mask = masks[0]
+        for m in masks[1:]:
+            if m is not table.every_row_mask():  # (that one changes nothing)
+                mask = mask & m
+        if not _any(mask):
+            return _refusal(request, table, masks)
         # Most decisions can choose among every row: then read whole columns, not copies.
-        every = candidates.size == len(table)
+        every = bool(_all(mask))
+        candidates = table.all_rows() if every else mask.nonzero()[0]
         booked_requests, booked_tokens = (
             table.booked(bookings, candidates) if not every or bookings is None
             else bookings.by_row(table.index_of, len(table)))
         util = table._utilisation(None if every else candidates, booked_requests, booked_tokens)
-        kept = load_guard(util, self.load_guard)
-        if not kept.all():
-            candidates, util, booked_tokens, every = candidates[kept], util[kept], booked_tokens[kept], False
+        if not _max(util) <= self.load_guard:  # else the guard keeps every one
+            kept = load_guard(util, self.load_guard)
+            if not kept.all():
+                candidates, util, booked_tokens, every = candidates[kept], util[kept], booked_tokens[kept], False
         ctx = ScoringContext(
             request=request,
             table=table,
@@ -406,6 +455,19 @@ class Router:
             utilisation=float(ctx.utilisation[best]),
             candidates=int(candidates.size),
         )
+
+
+def _refusal(request: RoutingRequest, table: RoutingTable, masks: list[np.ndarray]) -> RoutingDecision:
+    """The decision for a request the filters (whose `masks` these are) leave nowhere to go:
+    the first filter after which no row is left names the refusal."""
+    mask = np.ones(len(table), dtype=bool)
+    need = request.prompt_tokens + request.max_tokens
+    for m, (_, refusal, message) in zip(masks, FILTERS):
+        mask &= m
+        if not mask.any():
+            return RoutingDecision(request.request_id, table.version, None, refusal=refusal,
+                                   reason=message.format(model=request.model, need=need))
+    raise AssertionError("the filters left candidates")
 
 
 def _check_request(request: RoutingRequest) -> None:
@@ -431,6 +493,6 @@ def _slo_class(request: RoutingRequest, table: RoutingTable) -> SloClass | None:
 
 def _checked(name: str, s: np.ndarray) -> np.ndarray:
     # min/max comparisons are False for NaN, so this also catches NaN
-    if not (s.min() >= 0.0 and s.max() <= 1.0):
+    if not (_min(s) >= 0.0 and _max(s) <= 1.0):
         raise ValueError(f"scorer {name!r} returned scores outside [0, 1]: {s!r}")
     return s

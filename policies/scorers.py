@@ -54,7 +54,7 @@ def load(ctx: ScoringContext) -> np.ndarray:
     a half-loaded H100). All zero when no candidate has room.
     """
     free = ctx.column("max_batch_tokens_per_s") * (1.0 - ctx.utilisation)
-    best = free.max()
+    best = np.maximum.reduce(free)  # free.max(), without its wrapper
     return free / best if best > 0 else np.zeros_like(free)
 
 
@@ -62,7 +62,10 @@ def kv(ctx: ScoringContext) -> np.ndarray:
     """Free fraction of the KV cache, counting booked prompts as already placed."""
     used = ctx.column("kv_blocks_used") + ctx.booked_tokens / ctx.column("block_size")
     total = ctx.column("kv_blocks_total")
-    usage = np.divide(used, total, out=np.ones_like(used), where=total > 0)
+    if ctx.table.positive("kv_blocks_total"):
+        usage = used / total
+    else:
+        usage = np.divide(used, total, out=np.ones_like(used), where=total > 0)
     return 1.0 - np.minimum(usage, 1.0)
 
 
@@ -99,7 +102,11 @@ def slo_fit(ctx: ScoringContext) -> np.ndarray:
     SLO class the target is the best candidate's prediction (relative fit).
     """
     prefill = ctx.column("prefill_tokens_per_s")
-    elapsed = np.maximum(ctx.now - ctx.column("observed_at"), 0.0)
+    observed_at = ctx.table.uniform("observed_at")  # a view polls every replica at once
+    if observed_at is not None:
+        elapsed = max(ctx.now - observed_at, 0.0)
+    else:
+        elapsed = np.maximum(ctx.now - ctx.column("observed_at"), 0.0)
     queued = np.maximum(ctx.column("waiting_prompt_tokens") - prefill * elapsed, 0.0)
     ttft = (queued + ctx.booked_tokens + ctx.request.prompt_tokens) / prefill
     tpot = ctx.column("decode_step_s") * (1.0 + ctx.utilisation)
@@ -161,6 +168,8 @@ def _one_hot(n: int, i: int) -> np.ndarray:
 
 def _fit(target: float, predicted: np.ndarray) -> np.ndarray:
     """min(1, target / predicted), with a zero prediction meeting any target."""
+    if predicted.size and np.minimum.reduce(predicted) > 0:  # the usual case: no zero to guard
+        return np.minimum(target / predicted, 1.0)
     return np.minimum(
         np.divide(target, predicted, out=np.ones_like(predicted), where=predicted > 0), 1.0
     )

@@ -164,6 +164,10 @@ class LoadLedger:
         """Whether `request` can run on the replica now: its blocks fit the room."""
         return self.room(replica_id, request) >= request.kv_blocks(self.replica(replica_id).block_size)
 
+    def room_after_queue(self, replica_id: str, request: RequestStatus | None = None) -> int:
+        """`room` once the replica's own queued requests have started (negative: they cannot all)."""
+        return self.room(replica_id, request) - self._loads[replica_id].queued
+
     def could_ever_fit(self, replica_id: str, request: RequestStatus) -> bool:
         """Whether `request` fits the replica's capacity less headroom, were it empty."""
         load = self._loads[replica_id]

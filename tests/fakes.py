@@ -110,7 +110,8 @@ class FakeReplica:
         self.prefetched.append(len(request.context_token_ids))
         return PrefetchResult(len(request.context_token_ids), reused, 0.01)
 
-    async def handoff(self, request_id: str, target: str, timeout_s: float = 5.0) -> RequestSnapshot:
+    async def handoff(self, request_id: str, target: str, target_client=None,
+                      timeout_s: float = 5.0) -> RequestSnapshot:
         snapshot = await self.snapshot(request_id)
         self.handed_off.append((request_id, target))
         self.requests = tuple(r for r in self.requests if r.request_id != request_id)

@@ -29,7 +29,8 @@ registered one, and the holders beyond the first of one that sequences share.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,102 @@ class _Table:
         self.deferred = deferred  # the leading `num_registered` are due, not yet registered
 
 
+_STALE_SLACK = 1024  # stale LRU entries tolerated beyond twice the live ones
+
+
+class _Lru:
+    """Free blocks worth keeping, least recently freed first: the evictable end of the cache.
+
+    Blocks come in runs (all that one sequence frees at once), kept as they came: a run
+    costs one entry, not one per block. Only a registered ("named") block can be asked
+    about or revived from the middle (`__contains__`, `revive`); a revived block's entry
+    stays where it was, counted in `_stale`, and is skipped when it reaches the front.
+    A block has at most one live entry and it is its latest, so when an entry of a block
+    with stale entries comes up at the front, it is a stale one.
+    """
+
+    __slots__ = ("_head", "_live", "_named", "_num_stale", "_runs", "_stale")
+
+    def __init__(self) -> None:
+        self._runs: deque[list[int]] = deque()
+        self._head = 0  # entries of the front run already taken
+        self._live = 0  # entries not stale
+        self._named: set[int] = set()  # registered blocks among the live entries
+        self._stale: dict[int, int] = {}  # block -> its entries no longer live
+        self._num_stale = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, block: int) -> bool:
+        """Whether registered block `block` is here (for blocks without a hash: False)."""
+        return block in self._named
+
+    def push(self, blocks: list[int], named: bool) -> None:
+        """Add `blocks` (owned by the LRU from now on), the first of them oldest;
+        `named`: every one of them is registered under a hash."""
+        if blocks:
+            self._runs.append(blocks)
+            self._live += len(blocks)
+            if named:
+                self._named.update(blocks)
+
+    def revive(self, block: int) -> None:
+        """Take registered block `block` out, wherever it is."""
+        self._named.remove(block)
+        self._live -= 1
+        self._stale[block] = self._stale.get(block, 0) + 1
+        self._num_stale += 1
+        if self._num_stale > 2 * self._live + _STALE_SLACK:  # stale entries must not pile up
+            self._compact()
+
+    def pop(self, n: int) -> list[int]:
+        """The `n` (<= len) least recently freed blocks, oldest first, taken out."""
+        out: list[int] = []
+        runs, stale = self._runs, self._stale
+        while len(out) < n:
+            run, i = runs[0], self._head
+            if not stale:
+                j = min(len(run), i + n - len(out))
+                out += run[i:j]
+                i = j
+            else:
+                while i < len(run) and len(out) < n:
+                    block = run[i]
+                    i += 1
+                    if not self._drop_stale(block):
+                        out.append(block)
+            if i == len(run):
+                runs.popleft()
+                i = 0
+            self._head = i
+        self._live -= n
+        if self._named:
+            self._named.difference_update(out)
+        return out
+
+    def _drop_stale(self, block: int) -> bool:
+        """If `block` has stale entries, forget the front-most (the one met) and say so."""
+        count = self._stale.get(block)
+        if not count:
+            return False
+        if count == 1:
+            del self._stale[block]
+        else:
+            self._stale[block] = count - 1
+        self._num_stale -= 1
+        return True
+
+    def _compact(self) -> None:
+        """Drop every stale entry, keeping the live ones in order (in one run)."""
+        runs = iter(self._runs)
+        front = next(runs, [])[self._head:]
+        kept = [block for block in itertools.chain(front, *runs) if not self._drop_stale(block)]
+        assert not self._stale and self._num_stale == 0 and len(kept) == self._live
+        self._runs = deque([kept]) if kept else deque()
+        self._head = 0
+
+
 class BlockManager:
     """Block tables of the sequences on one engine, plus its prefix cache.
 
@@ -76,8 +173,8 @@ class BlockManager:
         # the last freed first, then blocks never used (ids from `_unused` up).
         self._empty: list[int] = []
         self._unused = 0
-        # Free blocks still registered under a hash, least recently freed first.
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Free blocks still registered under a hash (or due to be), least recently freed first.
+        self._evictable = _Lru()
         self._cached: dict[int, int] = {}  # block hash -> block (held or evictable)
         self._tables: dict[str, _Table] = {}
         self.computed_prompt_tokens = 0  # cumulative, counted when a sequence is allocated
@@ -271,9 +368,11 @@ class BlockManager:
             # a hash (or, deferred, would have one): the tail goes to the empty stack,
             # the head to the LRU, both last block first.
             self._empty += reversed(blocks[registered:])
-            self._evictable.update(dict.fromkeys(reversed(blocks[:registered])))
+            head = blocks[:registered]
+            head.reverse()
+            self._evictable.push(head, named=not table.deferred)
             return
-        shared, hash_of, empty, evictable = self._shared, self._hash_of, self._empty, self._evictable
+        shared, hash_of, empty, named = self._shared, self._hash_of, self._empty, []
         for block in reversed(blocks):
             others = shared.get(block)
             if others:
@@ -282,9 +381,10 @@ class BlockManager:
                 else:
                     shared[block] = others - 1
             elif block in hash_of:
-                evictable[block] = None
+                named.append(block)
             else:
                 empty.append(block)
+        self._evictable.push(named, named=True)
 
     def publish(self, seq_id: str, block_hashes: Sequence[int]) -> None:
         """Register the blocks of a `deferred` sequence that are due (as `cache_blocks`
@@ -303,7 +403,7 @@ class BlockManager:
     def _take_cached(self, block_hash: int) -> int:
         block = self._cached[block_hash]
         if block in self._evictable:
-            del self._evictable[block]
+            self._evictable.revive(block)
         else:
             self._shared[block] = self._shared.get(block, 0) + 1
         return block
@@ -323,13 +423,14 @@ class BlockManager:
             start = self._unused
             taken += range(start, start + fresh)
             self._unused += fresh
-        evict, cached, hash_of = self._evictable.popitem, self._cached, self._hash_of
-        for _ in range(n - k - fresh):
-            block = evict(last=False)[0]
-            block_hash = hash_of.pop(block, None)
-            if block_hash is not None:  # else a deferred sequence's, never published
-                del cached[block_hash]
-            taken.append(block)
+        if n - k - fresh:
+            evicted, cached, hash_of = self._evictable.pop(n - k - fresh), self._cached, self._hash_of
+            if hash_of:
+                for block in evicted:
+                    block_hash = hash_of.pop(block, None)
+                    if block_hash is not None:  # else a deferred sequence's, never published
+                        del cached[block_hash]
+            taken += evicted
         return taken
 
     def _blocks_for(self, num_tokens: int) -> int:

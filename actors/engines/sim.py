@@ -160,10 +160,11 @@ class SimEngine:
         """Queue `request` now (raising `EngineOverloaded` or `EngineError` at once) and
         return the stream of its deltas."""
         self._require_serving()
-        bad = [t for t in request.context_token_ids if not 0 <= t < self.tokenizer.vocab_size]
-        if bad:
-            raise EngineError("bad_request", f"token id {bad[0]} is outside the vocabulary "
-                              f"[0, {self.tokenizer.vocab_size}) of {self.tokenizer.name}")
+        context, vocab = request.context_token_ids, self.tokenizer.vocab_size
+        if context and not (0 <= min(context) and max(context) < vocab):  # min/max: C speed at 32k tokens
+            bad = next(t for t in context if not 0 <= t < vocab)
+            raise EngineError("bad_request", f"token id {bad} is outside the vocabulary "
+                              f"[0, {vocab}) of {self.tokenizer.name}")
         try:
             text = TextStream(self.tokenizer, request.sampling.stop, request.output_token_ids)
         except ValueError as exc:

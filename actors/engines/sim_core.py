@@ -166,8 +166,13 @@ class _Run:
 
     def __init__(self, steps: int, batch_size: int, context: int, a: float, b: float, start: float):
         self.batch_size, self.a, self.b = batch_size, a, b
-        durations = a + b * (context + batch_size * np.arange(steps, dtype=np.int64)).astype(np.float64)
-        self.ends = np.cumsum(np.concatenate(([start], durations)))[1:]
+        # contexts are exact in float64 (integers far below 2**53); in place, the same
+        # operations as `start + cumsum(a + b * context_j)`, one after the other
+        ends = np.arange(context, context + batch_size * steps, batch_size, dtype=np.float64)
+        ends *= b
+        ends += a
+        ends[0] += start
+        self.ends = ends.cumsum(out=ends)
         self.next = 0  # the run's first step not completed yet (the one in flight)
         self.context = context  # KV tokens that step reads
 
@@ -340,6 +345,9 @@ class SimScheduler:
 
     def _validate(self, request: GenerationRequest) -> None:
         context, emitted = len(request.context_token_ids), len(request.output_token_ids)
+        if (request.request_id not in self._seqs and request.model == self.model_id and request.prompt_token_ids
+                and request.remaining_tokens >= 1 and context < self.max_model_len):
+            return  # (checked before any message is formatted: once per request)
         problems = (
             (request.request_id in self._seqs, f"request {request.request_id!r} is already here"),
             (request.model != self.model_id, f"model {request.model!r} is not served here "
@@ -666,13 +674,14 @@ class SimScheduler:
         acc.admitted += [(a, start) for a in planned.admitted]
         acc.preempted += [(rid, start) for rid in planned.preempted]
         block_size, emitted, finished = self.blocks.block_size, 0, []
+        running, cache_blocks, max_len = SeqStatus.RUNNING, self.blocks.cache_blocks, self.max_model_len
         for seq, n in batch:
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not running:
                 continue  # aborted while the step ran
             before = seq.num_computed
             seq.num_computed = computed = before + n
             if computed // block_size > before // block_size:
-                self.blocks.cache_blocks(seq.rid, seq.hashes, computed)
+                cache_blocks(seq.rid, seq.hashes, computed)
             if computed == seq.num_tokens:  # a token is due: count it, name a block it fills
                 index = computed - seq.num_prompt
                 seq.num_tokens = tokens = computed + 1
@@ -681,7 +690,7 @@ class SimScheduler:
                 emitted += 1
                 if index == len(seq.request.output_token_ids):
                     acc.first_tokens.append((seq.rid, end))
-                if index + 1 >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                if index + 1 >= seq.max_tokens or tokens >= max_len:
                     finished.append(seq.rid)
         for rid in finished:
             self._end(rid, SeqStatus.FINISHED)
@@ -695,27 +704,34 @@ class SimScheduler:
         """Complete the steps of the decode run that end by `until_s` (at least the one in
         flight), in one pass over the batch; leave the run's next step in flight."""
         run, (_, batch) = self._run, self._in_flight
-        size, began, first = run.batch_size, self.clock_s, run.next
-        last = int(np.searchsorted(run.ends, until_s, side="right"))  # steps ending by until_s
+        size, began, first, ends = run.batch_size, self.clock_s, run.next, run.ends
+        last = int(ends.searchsorted(until_s, side="right"))  # steps ending by until_s
         steps = last - first
-        self.clock_s = clock = float(run.ends[last - 1])
+        self.clock_s = clock = float(ends[last - 1])
         run.next, run.context = last, run.context + size * steps
         # one entry for all these steps; `_window_tokens` counts them step by step
-        self._recent.append((clock, size * steps, run.ends[first:last]))
+        self._recent.append((clock, size * steps, ends[first:last]))
         self._recent_tokens += size * steps
         self._count_tokens(0)
-        more = last < len(run.ends)
-        blocks, block_size = self.blocks, self.blocks.block_size
+        more = last < len(ends)
+        blocks, block_size, running = self.blocks, self.blocks.block_size, self._running
         extra = steps - 1 + more  # slots beyond the ones the scheduled step reserved
         if extra:
-            blocks.append_slots([seq.rid for seq in self._running], extra)
-        for seq in self._running:
+            blocks.append_slots([seq.rid for seq in running], extra)
+        # The run's first step may compute a prompt's last token (a one-token chunk counts as
+        # a decode): that sequence's first token on this engine is due at the step's end.
+        if first == 0:
+            end = float(ends[0])
+            for seq in running:
+                if seq.num_tokens - seq.num_prompt == len(seq.request.output_token_ids):
+                    acc.first_tokens.append((seq.rid, end))
+        for seq in running:
             before = seq.num_computed
             seq.num_computed = computed = before + steps
-            seq.num_tokens += steps
-            hashes, full = seq.hashes, seq.num_tokens // block_size
-            if full > len(hashes):
-                for index in range(len(hashes), full):
+            seq.num_tokens = tokens = seq.num_tokens + steps
+            hashes = seq.hashes
+            if tokens // block_size > len(hashes):
+                for index in range(len(hashes), tokens // block_size):
                     hashes.append(_output_block_name(hashes, seq.key, index))
             if computed // block_size > before // block_size:
                 blocks.cache_blocks(seq.rid, hashes, computed)
@@ -727,7 +743,7 @@ class SimScheduler:
             return
         self._in_flight = None
         self._run = None
-        done = [s.rid for s in self._running if s.num_tokens - s.num_prompt >= s.max_tokens
+        done = [s.rid for s in running if s.num_tokens - s.num_prompt >= s.max_tokens
                 or s.num_tokens >= self.max_model_len]
         for rid in done:  # none when the run ended because blocks ran out
             self._end(rid, SeqStatus.FINISHED)

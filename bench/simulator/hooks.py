@@ -58,9 +58,10 @@ class Tick:
 class Actions(Protocol):
     """What a hook can do to the simulated fleet. Each takes effect now."""
 
-    def migrate(self, request_id: str, to_replica: str) -> bool:
+    def migrate(self, request_id: str, to_replica: str, copy_s: float | None = None) -> bool:
         """Move a running or waiting request to a READY replica; False if it cannot
-        (request ended, destination full or not ready) and nothing moved."""
+        (request ended, destination full or not ready) and nothing moved. With `copy_s`,
+        a running request's KV is copied for that long first (see `SimIngress.migrate`)."""
 
     def set_replicas(self, pool: str, replicas: int) -> None:
         """A pool's desired size; the fleet launches or drains replicas next tick.

@@ -171,11 +171,47 @@ class SimIngress:
             else:
                 self._assign(flight, self.loop.now + self.admission_timeout_s)
 
-    def migrate(self, request_id: str, to_replica: str, disruption: Disruption) -> bool:
-        """Move a request now: its stream stops on the source and continues on
-        `to_replica` from the tokens sent (the engine recomputes the context; KV transfer
-        comes with the engines' KV export/import). False, and nothing moves, if the
-        request or the destination cannot take part."""
+    def migrate(self, request_id: str, to_replica: str, disruption: Disruption,
+                copy_s: float | None = None) -> bool:
+        """Move a request to `to_replica`; False, and nothing moves, if the request or the
+        destination cannot take part.
+
+        With `copy_s` None (and always for a queued request) the move is immediate and
+        naive: the stream stops on the source and the target recomputes the whole context
+        while it stalls. With `copy_s`, a KV copy: the context's computed blocks as of now
+        travel to the target for `copy_s` seconds while the source keeps decoding, then
+        the switch (`_switch`) hands over, and the target computes only what came since.
+        """
+        if copy_s is None or not self._running_on_source(request_id, to_replica):
+            return self._move(request_id, to_replica, disruption)
+        flight = self.flights[request_id]
+        source = self.fleet.replicas[flight.replica_id]
+        copied = source.snapshot(request_id).block_hashes
+        self.loop.at(self.loop.now + copy_s,
+                     lambda: self._switch(request_id, flight.replica_id, to_replica, copied, disruption),
+                     Priority.CONTROL)
+        return True
+
+    def _running_on_source(self, request_id: str, to_replica: str) -> bool:
+        flight = self.flights.get(request_id)
+        if flight is None or flight.replica_id is None or flight.replica_id == to_replica:
+            return False
+        source = self.fleet.replicas[flight.replica_id]
+        return source.alive and request_id in source.held and source.core.is_running(request_id)
+
+    def _switch(self, request_id: str, source_id: str, to_replica: str, copied: tuple[int, ...],
+                disruption: Disruption) -> None:
+        """A KV copy's end: the request moves if it still runs where the copy began."""
+        dest = self.fleet.replicas.get(to_replica)
+        flight = self.flights.get(request_id)
+        if dest is None or not dest.alive:
+            return
+        dest.receive_blocks(copied)
+        if flight is None or flight.replica_id != source_id or not self._move(request_id, to_replica, disruption):
+            dest.forget_blocks(copied)
+
+    def _move(self, request_id: str, to_replica: str, disruption: Disruption) -> bool:
+        """Stop the request on its replica and resume it on `to_replica` from the tokens sent."""
         flight = self.flights.get(request_id)
         dest = self.fleet.replicas.get(to_replica)
         if flight is None or flight.replica_id is None or dest is None or not dest.alive \

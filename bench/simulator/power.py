@@ -119,14 +119,22 @@ class ReplicaPowerTimer:
     def account(self, progress: Progress, working: bool, now: float) -> None:
         """Record what the replica drew up to `now`, the host's present, after an `advance`
         to it that made `progress`; `working`: a step is in flight."""
-        done = self._record_stepped(now)
-        budget = progress.busy_s - done - self._ahead  # decode seconds completed, not yet recorded
-        marks = ([self._open] if self._open else []) + self._marks
+        done = self._record_stepped(now) if self._stepped else 0.0
+        marks = self._marks
+        if self._open is not None:
+            marks.insert(0, self._open)
+        elif not marks:  # no decode time to record (an idle replica, or steps timed one by one)
+            self._ahead = 0.0
+            return
         self._marks, self._open = [], None
-        running = working and bool(marks) and marks[-1][1] is not None
+        budget = progress.busy_s - done - self._ahead  # decode seconds completed, not yet recorded
+        running = working and marks[-1][1] is not None
         ahead = now - self._clock() if running else 0.0  # the decode step in flight, so far
-        runs = [(t, (marks[i + 1][0] if i + 1 < len(marks) else now) - t, b)
-                for i, (t, b) in enumerate(marks) if b is not None]
+        if len(marks) == 1:  # the usual call: one decode run, still going or just ended
+            runs = [(marks[0][0], now - marks[0][0], marks[0][1])] if marks[0][1] is not None else []
+        else:
+            runs = [(t, (marks[i + 1][0] if i + 1 < len(marks) else now) - t, b)
+                    for i, (t, b) in enumerate(marks) if b is not None]
         excess = sum(d for _, d, _ in runs) - max(0.0, budget + ahead)
         for t, seconds, batch in reversed(runs):  # idle time only ever ends an advance
             cut = min(seconds, max(0.0, excess))

@@ -67,9 +67,17 @@ class PromptNamer:
         return names[:blocks]
 
 
+_GOLDEN, _MUL1, _MUL2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_SHIFT1, _SHIFT2, _SHIFT3 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 def _splitmix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser over uint64 counters: distinct in, distinct out (a bijection)."""
-    z = x + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser over uint64 counters: distinct in, distinct out (a bijection).
+    Overwrites `x` (one call per request: in place, it builds no temporaries)."""
+    x += _GOLDEN
+    x ^= x >> _SHIFT1
+    x *= _MUL1
+    x ^= x >> _SHIFT2
+    x *= _MUL2
+    x ^= x >> _SHIFT3
+    return x

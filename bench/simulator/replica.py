@@ -42,6 +42,7 @@ class SimulatedReplica:
         self._on_progress = on_progress
         self._wake: Event | None = None
         self.held: dict[str, float] = {}  # request id -> when it was submitted here
+        self._copied: set[int] = set()  # KV blocks a migration copied here, not yet admitted
         self.created_at = loop.now
         self.ended_at: float | None = None
         self.busy_s = 0.0  # time spent in steps
@@ -67,6 +68,26 @@ class SimulatedReplica:
         self.core.add(request, prompt_hashes)
         self.held[request.request_id] = self.loop.now
         self._changed()
+
+    def receive_blocks(self, hashes: Sequence[int]) -> None:
+        """KV blocks copied here ahead of a migration's switch: the admission of the moved
+        request loads them rather than computing them (`SimScheduler.prefix_loader`)."""
+        if self.core.prefix_loader is None:
+            self.core.prefix_loader = self._load_copied
+        self._copied.update(hashes)
+
+    def forget_blocks(self, hashes: Sequence[int]) -> None:
+        """Copied blocks no admission will claim (the migration did not switch)."""
+        self._copied.difference_update(hashes)
+
+    def _load_copied(self, hashes: Sequence[int], first: int, limit: int) -> tuple[int, float]:
+        """(n, 0.0): the copied blocks from `first` on; their copy overlapped the source's
+        decoding before the switch, so loading them adds no time to the step."""
+        n = 0
+        while n < limit and hashes[first + n] in self._copied:
+            n += 1
+        self._copied.difference_update(hashes[first:first + n])
+        return n, 0.0
 
     def abort(self, request_id: str) -> bool:
         """Drop a request held here (False if it is not here)."""

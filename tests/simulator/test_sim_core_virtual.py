@@ -122,6 +122,21 @@ def test_virtual_time_reproduces_stepping(name, seed):
         assert rate == pytest.approx(tokens / min(core.rate_window_s, clock), rel=1e-9)
 
 
+@pytest.mark.parametrize("emitted", [0, 3])
+def test_a_first_token_due_in_the_step_that_begins_a_decode_run_is_reported(emitted):
+    """A prompt whose last chunk is one token (65 tokens, a budget of 64) makes a step that
+    times as a pure decode, so it can begin a decode run: the first token it emits must
+    still be reported, for a fresh request and for one resumed with tokens already sent."""
+    settings = dict(num_blocks=200, max_model_len=1024, max_num_batched_tokens=64)
+    request = GenerationRequest("x", "m", tuple(range(65 - emitted)), SamplingSpec(max_tokens=10),
+                                output_token_ids=tuple(range(emitted)))
+    v_first, v_finished, *_ = virtual([(0.0, request)], settings, LinearTimer())
+    assert v_first.keys() == v_finished.keys() == {"x"} and v_first["x"] < v_finished["x"]
+    if not emitted:  # stepping one step at a time emits it at the same time
+        first, _, _, live = stepped([(0.0, request)], settings, LinearTimer())
+        assert v_first["x"] == pytest.approx(first["x"], rel=1e-9)
+
+
 def test_decode_runs_are_applied_in_few_calls():
     settings, timer = SETTINGS["roomy"]
     requests = workload(3, n=40)

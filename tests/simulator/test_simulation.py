@@ -3,6 +3,7 @@ hooks' actions, every routing policy, admission limits, and the CLI's outputs.""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -31,6 +32,12 @@ def test_a_run_is_a_pure_function_of_its_scenario():
         assert np.array_equal(first.records.column(name), again.records.column(name), equal_nan=True)
     other, _ = run(scenario(simulation={"seed": 6, "replica_start_s": 10}))
     assert not np.array_equal(first.records.labelled("slo_class"), other.records.labelled("slo_class"))
+
+
+def test_a_run_leaves_the_garbage_collector_as_it_found_it():
+    before = gc.get_threshold(), gc.get_freeze_count()
+    run(scenario())
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
 
 
 def test_every_request_ends_once_with_sane_latencies():
@@ -121,6 +128,52 @@ def test_hooks_see_ticks_and_events_and_act_through_actions():
     assert result.records.labelled("replica")[row] == target
     assert summary["disruptions"]["migrations"] == 1
     assert summary["requests"]["completed"] == summary["requests"]["total"]
+
+
+class CopyMover:
+    """A test hook: at one tick, moves the longest running request, copying its KV for
+    `copy_s` first (None: the naive, immediate move)."""
+
+    observes_requests = True
+
+    def __init__(self, copy_s: float | None):
+        self.copy_s = copy_s
+        self.moved: list[tuple[str, str, bool]] = []
+
+    def on_tick(self, tick: Tick, actions: Actions) -> None:
+        if self.moved or tick.now < 4:
+            return
+        source, request = max(((rid, r) for rid, reqs in tick.requests().items() for r in reqs if r.running),
+                              key=lambda p: (p[1].prompt_tokens + p[1].output_tokens, p[1].request_id))
+        target = next(r.replica_id for r in tick.view.replicas if r.replica_id != source and r.pool == "h100")
+        self.moved.append((request.request_id, target, actions.migrate(request.request_id, target, self.copy_s)))
+
+    def on_event(self, event, tick: Tick, actions: Actions) -> None:
+        pass
+
+
+def test_a_kv_copy_move_stalls_its_stream_less_than_recomputing_the_context():
+    stalls = {}
+    for copy_s in (None, 0.2):
+        hook = CopyMover(copy_s)
+        result, summary = run(scenario(), hooks=[hook])
+        (request_id, target, moved), = hook.moved
+        row = int(np.flatnonzero(result.records.column("number") == int(request_id[1:]))[0])
+        assert moved and result.records.column("migrations")[row] == 1
+        assert result.records.labelled("replica")[row] == target
+        assert summary["requests"]["completed"] == summary["requests"]["total"]
+        stalls[copy_s] = result.records.column("stall_s")[row]
+    assert 0 < stalls[0.2] < stalls[None]  # the copied blocks are loaded, not recomputed
+
+
+def test_the_migration_hook_names_an_unknown_mechanism():
+    from bench.simulator.migration import MigrationHook
+    from orchestrator.config import parse_config
+
+    config = parse_config({"models": [{"name": "m", "arch": "llama-2-7b", "tokenizer": "byte"}],
+                           "pools": [{"name": "p", "gpu_type": "H100", "model": "m"}]})
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        MigrationHook({"mechanism": "teleport"}, config)
 
 
 @pytest.mark.parametrize("routing", [None, {"weights": {"load": 1}}, {"weights": {"kv": 1}},

@@ -3,11 +3,14 @@ blocks, and that blocks in use are never evicted."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.engines.block_manager import BlockManager
+from actors.engines import block_manager
+from actors.engines.block_manager import BlockManager, _Lru
 from policies.block_hash import block_hashes
 
 BS = 4  # tokens per block in these tests
@@ -188,3 +191,33 @@ def test_invariants_hold_under_any_sequence_of_operations(ops):
     for seq in list(live):
         bm.free(seq)
     assert bm.num_used_blocks == 0
+
+
+def test_the_lru_hands_out_least_recently_freed_first_and_skips_revived_blocks():
+    """Runs of freed blocks leave oldest first; a revived block leaves no hole, however
+    often it comes back, also after the stale entries are compacted away."""
+    lru = _Lru()
+    lru.push([1, 2, 3], named=True)
+    lru.push([4, 5], named=False)  # a deferred sequence's: never asked about
+    lru.revive(2)
+    lru.push([2], named=True)  # freed again: now the youngest
+    lru.revive(2)
+    lru.push([6, 2], named=True)
+    assert (len(lru), 2 in lru, 4 in lru) == (6, True, False)
+    assert lru.pop(2) == [1, 3]
+    lru._compact()
+    assert lru.pop(4) == [4, 5, 6, 2] and len(lru) == 0 and 2 not in lru
+
+
+def test_stale_lru_entries_are_compacted_once_they_outnumber_the_live_ones(monkeypatch):
+    monkeypatch.setattr(block_manager, "_STALE_SLACK", 0)
+    lru = _Lru()
+    lru.push([1, 2, 3, 4], named=True)
+    lru.push([5, 6], named=True)
+    for block in (1, 2, 5, 3):  # four stale entries to two live ones: not yet
+        lru.revive(block)
+    assert len(lru._stale) == 4
+    lru.revive(6)  # five to one: compacted
+    assert lru._runs == deque([[4]]) and not lru._stale
+    lru.push([5], named=True)
+    assert lru.pop(2) == [4, 5]

@@ -150,9 +150,11 @@ def test_priority_moves_the_lowest_priority_first_and_never_equal_or_higher():
 @pytest.mark.parametrize("fleet, note", [
     (view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"), filler("f", 95, priority=10,
                                                                                        slo="interactive")),
-          rep("t")), "priority r: still 15 KV block(s) short for protected requests: no (more) running requests"),
+          rep("t", filler("ft", 85))),
+     "priority r: still 15 KV block(s) short for protected requests: no (more) running requests"),
+    # t's room (100 - 85 used - 10 headroom) takes neither b nor i
     (view(rep("r", req("b", 40), req("i", 10, running=False, priority=10, slo="interactive"), used=95),
-          rep("t", filler("ft", 70))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
+          rep("t", filler("ft", 85))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
 ])
 def test_priority_says_why_it_cannot_free_enough(fleet, note):
     p = plan(fleet, headroom={"interactive": 0.1}, high_load=5.0)
@@ -202,6 +204,30 @@ def test_defragment_leaves_a_request_that_fits_somewhere_to_balancing():
 
 
 # --- balance -------------------------------------------------------------------------
+
+
+def test_a_queued_request_that_cannot_start_where_it_waits_goes_where_it_starts_at_once():
+    # a: 90 of 100 blocks used, so q (20) waits; b and c could start it, c leaves it less loaded
+    fleet = view(rep("a", filler("fa", 90), req("q", 20, running=False, arrived=NOW)),
+                 rep("b", filler("fb", 70)), rep("c", filler("fc", 50)))
+    p = plan(fleet, high_load=5.0, cooldown_s=30.0)  # balancing off; a queued request skips its cooldown
+    assert moves(p) == [("q", "a", "c")]
+    assert [(d.reason, d.running, d.kv_blocks, d.est_bytes) for d in p.decisions] == [(BALANCE, False, 0, 0)]
+
+
+def test_a_queued_request_that_starts_where_it_waits_stays():
+    fleet = view(rep("a", filler("fa", 50), req("q1", 20, running=False), req("q2", 20, running=False)),
+                 rep("b"))
+    assert moves(plan(fleet, high_load=5.0)) == []  # 50 + 20 + 20 <= 100: both start at a in turn
+
+
+def test_the_requests_queued_ahead_count_and_so_does_the_targets_own_queue():
+    # at a, q1 (30) starts in 40 free blocks, q2 (30) behind it does not; b has 50 free but its
+    # own queued 30 come first, leaving 20: q2 goes to c
+    fleet = view(rep("a", filler("fa", 60), req("q1", 30, running=False, arrived=1.0),
+                     req("q2", 30, running=False, arrived=2.0)),
+                 rep("b", filler("fb", 50), req("qb", 30, running=False)), rep("c", filler("fc", 65)))
+    assert moves(plan(fleet, high_load=5.0)) == [("q2", "a", "c")]
 
 
 def test_balance_moves_fewest_blocks_first_until_the_gap_closes():
@@ -420,7 +446,9 @@ def test_no_plan_breaks_a_rule(replicas, s, moving, seed):
         assert tgt.state is READY and tgt.model == src.model and tgt is not src
         assert d.request_id not in migrating
         request = next(x for x in src.requests if x.request_id == d.request_id)
-        assert request.remaining_tokens >= s.min_remaining_tokens and NOW - request.arrived_at >= s.cooldown_s
+        assert request.remaining_tokens >= s.min_remaining_tokens
+        # only a queued request that cannot start where it waits skips its cooldown (to start at once)
+        assert NOW - request.arrived_at >= s.cooldown_s or (not request.running and d.reason is BALANCE)
         assert d.running == request.running
         assert d.kv_blocks == (request.kv_blocks(src.block_size) if d.running else 0)
         tokens = request.prompt_tokens + request.output_tokens
