@@ -18,6 +18,7 @@ from actors.engines.base import EngineError, EngineOverloaded, FinishReason, Gen
 from actors.replica_client import ReplicaUnavailable
 from orchestrator.dispatcher import Dispatcher, NoCapacity
 from policies.fleet_view import RoutingRequest
+from policies.routing import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class RequestStream:
         self.on_recovered = on_recovered  # called with the stall (seconds) once a resume yields a token
         self._failed_at: float | None = None  # a replica failed under it; no token since
         self._switching: Migration | None = None  # handed off, first token from the target not yet here
+        self._full: set[str] = set()  # replicas avoided because they were full when asked
 
     @property
     def request_id(self) -> str:
@@ -78,6 +80,9 @@ class RequestStream:
             try:
                 replica = await self._next_replica(handed_to)
             except NoCapacity as e:
+                if not self.output_ids and e.refusal is Refusal.EXCLUDED and self.routing.exclude <= self._full:
+                    # every replica it could use was passed over for being full: the fleet is busy
+                    raise NoCapacity(f"every replica that could take it is full ({e.reason})", Refusal.FULL) from e
                 if not self.output_ids:
                     raise  # nothing sent yet: the ingress can still answer with a status code
                 raise StreamFailed(f"request {self.request_id}: no replica to resume on after "
@@ -98,6 +103,7 @@ class RequestStream:
                     raise ReplicaUnavailable(replica.replica_id, "stream ended without finishing", dead=False)
             except EngineOverloaded:
                 self._avoid(replica.replica_id)  # full since the router looked; nothing was sent
+                self._full.add(replica.replica_id)
             except EngineError as e:
                 if not self.output_ids:
                     raise

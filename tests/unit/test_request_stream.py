@@ -11,7 +11,7 @@ from actors.replica_client import ReplicaUnavailable
 from orchestrator.dispatcher import NoCapacity
 from orchestrator.request_stream import RequestStream, StreamFailed
 from policies.fleet_view import RoutingRequest
-from policies.routing import RoutingDecision
+from policies.routing import Refusal, RoutingDecision
 
 TOKENS = list(range(100, 120))  # what a deterministic engine emits for the test prompt
 
@@ -170,3 +170,28 @@ async def test_no_replica_before_the_first_token_stays_an_admission_refusal():
     stream = stream_over(DrainedDispatcher(ScriptedReplica("a", fail_after=0)))
     with pytest.raises(NoCapacity):  # the ingress can still answer 503 with Retry-After
         await collect(stream)
+
+
+class ExcludingDispatcher(ScriptedDispatcher):
+    """Refuses as the router does once every replica is excluded: EXCLUDED."""
+
+    async def assign(self, routing: RoutingRequest):
+        if all(rid in routing.exclude for rid in self.replicas):
+            raise NoCapacity("every accepting replica of model 'm' is excluded", Refusal.EXCLUDED)
+        return await super().assign(routing)
+
+
+async def test_a_request_every_replica_turned_away_as_full_is_refused_as_busy():
+    stream = stream_over(ExcludingDispatcher(ScriptedReplica("a", overloaded=True),
+                                             ScriptedReplica("b", overloaded=True)))
+    with pytest.raises(NoCapacity) as refused:
+        await collect(stream)
+    assert refused.value.refusal is Refusal.FULL  # the ingress answers 429 fleet_busy, not 503
+    assert "every replica that could take it is full" in refused.value.reason
+
+
+async def test_a_request_excluded_for_another_reason_keeps_the_routers_refusal():
+    stream = stream_over(ExcludingDispatcher(ScriptedReplica("a", overloaded=True), ScriptedReplica("b", fail_after=0)))
+    with pytest.raises(NoCapacity) as refused:
+        await collect(stream)
+    assert refused.value.refusal is Refusal.EXCLUDED  # b went away: not (only) a full fleet
