@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -127,8 +128,8 @@ class RoutingTable:
     store_prefix: PrefixIndex = field(default_factory=lambda: PrefixIndex.build(()))
     store_of_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     store_hit_weight: float = 0.0
-    # per-row ratios that depend on the view alone, computed on first use
-    _derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # facts that depend on the view alone, computed on first use (see `_once`)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_view(cls, view: FleetView) -> RoutingTable:
@@ -200,51 +201,42 @@ class RoutingTable:
 
     def positive(self, name: str) -> bool:
         """Whether numeric column `name` is > 0 on every row (then a ratio over it needs
-        no guard against a zero denominator); the view's own, so computed once."""
-        key = "positive:" + name
-        flag = self._derived.get(key)
-        if flag is None:
-            flag = self._derived[key] = bool((self.columns[name] > 0).all())
-        return flag
+        no guard against a zero denominator)."""
+        return self._once("positive:" + name, lambda: bool((self.columns[name] > 0).all()))
 
     def every_row_mask(self) -> np.ndarray:
         """All True, read-only: what a filter that drops no row returns (the router then
         skips it when combining masks)."""
-        mask = self._derived.get("every_row_mask")
-        if mask is None:
-            mask = self._derived["every_row_mask"] = _frozen(np.ones(len(self), dtype=bool))
-        return mask
+        return self._once("every_row_mask", lambda: _frozen(np.ones(len(self), dtype=bool)))
 
     def min_kv_capacity_tokens(self) -> float:
         """The smallest KV cache of any row, tokens (inf for an empty table)."""
-        least = self._derived.get("min_kv_capacity")
-        if least is None:
-            cap = self.kv_capacity_tokens
-            least = self._derived["min_kv_capacity"] = float(cap.min()) if cap.size else float("inf")
-        return least
+        cap = self.kv_capacity_tokens
+        return self._once("min_kv_capacity", lambda: float(cap.min()) if cap.size else float("inf"))
 
     def uniform(self, name: str) -> float | None:
         """The value of numeric column `name` when every row has the same one, else None."""
-        key = "uniform:" + name
-        if key not in self._derived:
-            col = self.columns[name]
-            self._derived[key] = float(col[0]) if col.size and (col == col[0]).all() else None
-        return self._derived[key]
+        col = self.columns[name]
+        return self._once("uniform:" + name, lambda: float(col[0]) if col.size and (col == col[0]).all() else None)
 
     def all_rows(self) -> np.ndarray:
         """Every row index, ascending (the candidates when no filter drops a row)."""
-        rows = self._derived.get("all_rows")
-        if rows is None:
-            rows = self._derived["all_rows"] = _frozen(np.arange(len(self)))
-        return rows
+        return self._once("all_rows", lambda: _frozen(np.arange(len(self))))
 
     def _throughput(self) -> np.ndarray:
-        """tokens_per_s / max_batch_tokens_per_s per row: the view's own, so computed once."""
-        ratio = self._derived.get("throughput")
-        if ratio is None:
-            c = self.columns
-            ratio = self._derived["throughput"] = _frozen(c["tokens_per_s"] / c["max_batch_tokens_per_s"])
-        return ratio
+        """tokens_per_s / max_batch_tokens_per_s per row."""
+        c = self.columns
+        return self._once("throughput", lambda: _frozen(c["tokens_per_s"] / c["max_batch_tokens_per_s"]))
+
+    def _once(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A fact of this table's view: computed on first use, then kept (the view never changes)."""
+        value = self._derived.get(key, _UNSET)
+        if value is _UNSET:
+            value = self._derived[key] = compute()
+        return value
+
+
+_UNSET = object()
 
 
 def _store_columns(view: FleetView) -> dict:

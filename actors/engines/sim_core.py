@@ -344,23 +344,21 @@ class SimScheduler:
                                tuple(seq.hashes[:held]))
 
     def _validate(self, request: GenerationRequest) -> None:
-        context, emitted = len(request.context_token_ids), len(request.output_token_ids)
-        if (request.request_id not in self._seqs and request.model == self.model_id and request.prompt_token_ids
-                and request.remaining_tokens >= 1 and context < self.max_model_len):
-            return  # (checked before any message is formatted: once per request)
-        problems = (
-            (request.request_id in self._seqs, f"request {request.request_id!r} is already here"),
-            (request.model != self.model_id, f"model {request.model!r} is not served here "
-                                             f"(this engine serves {self.model_id!r})"),
-            (not request.prompt_token_ids, "prompt_token_ids is empty"),
-            (request.remaining_tokens < 1, f"nothing to generate: max_tokens is "
-                                           f"{request.sampling.max_tokens}, {emitted} emitted"),
-            (context >= self.max_model_len, f"context of {context} tokens leaves no room "
-                                            f"under max_model_len {self.max_model_len}"),
-        )
-        for failed, problem in problems:
-            if failed:
-                raise EngineError("bad_request", problem)
+        # one `if` per rule: a message is formatted only for the rule that fails
+        if request.request_id in self._seqs:
+            raise EngineError("bad_request", f"request {request.request_id!r} is already here")
+        if request.model != self.model_id:
+            raise EngineError("bad_request", f"model {request.model!r} is not served here "
+                                             f"(this engine serves {self.model_id!r})")
+        if not request.prompt_token_ids:
+            raise EngineError("bad_request", "prompt_token_ids is empty")
+        if request.remaining_tokens < 1:
+            raise EngineError("bad_request", f"nothing to generate: max_tokens is {request.sampling.max_tokens}, "
+                                             f"{len(request.output_token_ids)} emitted")
+        context = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if context >= self.max_model_len:
+            raise EngineError("bad_request", f"context of {context} tokens leaves no room "
+                                             f"under max_model_len {self.max_model_len}")
 
     def _enqueue(self, seq: _Seq, front: bool) -> None:
         (self._waiting.appendleft if front else self._waiting.append)(seq)

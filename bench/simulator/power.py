@@ -130,11 +130,8 @@ class ReplicaPowerTimer:
         budget = progress.busy_s - done - self._ahead  # decode seconds completed, not yet recorded
         running = working and marks[-1][1] is not None
         ahead = now - self._clock() if running else 0.0  # the decode step in flight, so far
-        if len(marks) == 1:  # the usual call: one decode run, still going or just ended
-            runs = [(marks[0][0], now - marks[0][0], marks[0][1])] if marks[0][1] is not None else []
-        else:
-            runs = [(t, (marks[i + 1][0] if i + 1 < len(marks) else now) - t, b)
-                    for i, (t, b) in enumerate(marks) if b is not None]
+        runs = [(t, (marks[i + 1][0] if i + 1 < len(marks) else now) - t, b)
+                for i, (t, b) in enumerate(marks) if b is not None]
         excess = sum(d for _, d, _ in runs) - max(0.0, budget + ahead)
         for t, seconds, batch in reversed(runs):  # idle time only ever ends an advance
             cut = min(seconds, max(0.0, excess))

@@ -149,7 +149,7 @@ class CopyMover:
         self.moved.append((request.request_id, target, actions.migrate(request.request_id, target, self.copy_s)))
 
     def on_event(self, event, tick: Tick, actions: Actions) -> None:
-        pass
+        """No timeline events in its scenario."""
 
 
 def test_a_kv_copy_move_stalls_its_stream_less_than_recomputing_the_context():

@@ -7,6 +7,7 @@ tokens or that nobody claims is stopped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -23,13 +24,21 @@ CONFIG = {
 }
 
 
+@contextlib.asynccontextmanager
+async def _started(replica_id: str):
+    config = parse_config(CONFIG)
+    replica = ModelReplica(spec_for(config, config.pools[0], replica_id))
+    await replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.shutdown()
+
+
 @pytest.fixture
 async def replica():
-    config = parse_config(CONFIG)
-    replica = ModelReplica(spec_for(config, config.pools[0], "h100-0a1b2c3d"))
-    await replica.start()
-    yield replica
-    await replica.shutdown()
+    async with _started("h100-0a1b2c3d") as source:
+        yield source
 
 
 def _request(rid: str, max_tokens: int) -> GenerationRequest:
@@ -96,11 +105,8 @@ class _InProcessClient:
 
 @pytest.fixture
 async def target():
-    config = parse_config(CONFIG)
-    replica = ModelReplica(spec_for(config, config.pools[0], "h100-target"))
-    await replica.start()
-    yield replica
-    await replica.shutdown()
+    async with _started("h100-target") as started:
+        yield started
 
 
 async def _switch(source: ModelReplica, target: ModelReplica, request: GenerationRequest) -> list[int]:
