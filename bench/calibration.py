@@ -1,11 +1,20 @@
 """Calibration: the simulator against the live system, the performance model against GPUs.
 
     python -m bench.calibration [--scenario bench/scenarios/calibration.yaml] [--seconds 60]
+                                [--time-scale 1,8]
 
-1. Live: the scenario's fleet (sim engines at time_scale 1.0, so every step sleeps its
-   modelled time) on an in-process Ray head (`orchestrator.embedded`), the scenario's
+1. Live: the scenario's fleet (sim engines, every step sleeping its modelled time times
+   the time scale) on an in-process Ray head (`orchestrator.embedded`), the scenario's
    trace slice replayed open loop over HTTP with `bench.loadgen` (streaming, the same
-   arrival times and lengths, random byte prompts).
+   arrival times and lengths, random byte prompts), its arrivals spread by the time scale
+   and the latencies measured divided by it. At time scale 1 the fleet runs at the GPU's
+   pace; on this 2-core machine the live path's own work (Serve's proxy, the ingress,
+   the router agent and replica actors streaming every token through Python) then
+   competes with itself for the CPU and grows with the load. At time scale k the same
+   requests arrive k times more slowly into engines k times slower: the fleet sees the
+   scenario's load in slow motion while the per-token CPU work per real second falls k
+   times. What is compared there is the part the simulator models: batching, KV
+   accounting, routing and queueing. Each scale is one live run.
 2. Simulated: the same scenario through `bench.simulator`.
 3. The gap the simulator does not model, measured rather than fudged: requests sent
    one at a time to the idle live fleet (a 16-token prompt for 2 tokens; one prompt for
@@ -33,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import loadgen
-from bench.report import RequestRecord
+from bench.report import RequestRecord, machine
 from bench.simulator.scenario import Scenario, load_scenarios
 from bench.simulator.simulation import SimResult, Simulation, build_workload
 from policies.perfmodel import BatchShape, StepTimeModel, gpu_spec
@@ -62,18 +71,22 @@ def with_window(scenario: Scenario, seconds: float) -> Scenario:
     return scenario.model_copy(update={"workload": workload})
 
 
-def plan_of(scenario: Scenario) -> list[loadgen.PlannedRequest]:
-    """The simulator's requests (times and lengths) as a load plan with byte prompts."""
+def plan_of(scenario: Scenario, time_scale: float = 1.0) -> list[loadgen.PlannedRequest]:
+    """The simulator's requests (lengths, and times spread by `time_scale`) as a load plan
+    with byte prompts."""
     rng = np.random.default_rng(scenario.simulation.seed)
     workload = build_workload(scenario, np.random.default_rng([scenario.simulation.seed, 0]))
-    return [loadgen.PlannedRequest(a.number, a.time_s,
+    return [loadgen.PlannedRequest(a.number, a.time_s * time_scale,
                                    tuple(int(t) for t in rng.choice(_BYTE_VOCABULARY, a.prompt_tokens)),
                                    a.output_tokens) for a in workload.arrivals()]
 
 
-def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest],
-                progress=print) -> tuple[list[RequestRecord], Overhead]:
-    """Replay `plan` against the scenario's fleet served live; then probe the overhead.
+def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest], progress=print,
+                time_scale: float = 1.0) -> tuple[list[RequestRecord], Overhead]:
+    """Replay `plan` against the scenario's fleet served live, its sim engines `time_scale`
+    times slower than the GPU (`plan_of(scenario, time_scale)` spreads the arrivals to
+    match); then probe the overhead. Records are as measured (real seconds); the overhead
+    is in the GPU's seconds (divided by `time_scale`).
 
     The fleet runs on a Ray cluster of its own (`ray.cluster_utils.Cluster`, one head
     with the resources `orchestrator.embedded` would give it), so a Ray already running
@@ -87,8 +100,12 @@ def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest],
     from orchestrator.embedded import APP_NAME, head_resources
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    server = scenario.fleet.server
     config = scenario.fleet.model_copy(update={
-        "server": scenario.fleet.server.model_copy(update={"port": _free_port()}),
+        "pools": [pool.model_copy(update={"engine_args": {**pool.engine_args, "time_scale": time_scale}})
+                  for pool in scenario.fleet.pools],
+        "server": server.model_copy(update={"port": _free_port(),
+                                            "admission_timeout_s": server.admission_timeout_s * time_scale}),
         "controller": scenario.fleet.controller.model_copy(update={"metrics_port": 0})})
     model = scenario.model_name
     base = f"http://{config.server.host}:{config.server.port}/v1"
@@ -106,7 +123,7 @@ def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest],
         asyncio.run(loadgen.warm_up(base, model, _BYTE_VOCABULARY))
         progress(f"replaying {len(plan)} requests over {plan[-1].at_s:.0f} s ...")
         records = asyncio.run(loadgen.run_load(base, model, plan))
-        overhead = asyncio.run(_probe(base, model, scenario))
+        overhead = asyncio.run(_probe(base, model, scenario, time_scale))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -131,7 +148,7 @@ def _wait(predicate, timeout_s: float, what: str):
     raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-async def _probe(base: str, model: str, scenario: Scenario) -> Overhead:
+async def _probe(base: str, model: str, scenario: Scenario, time_scale: float) -> Overhead:
     rng = np.random.default_rng(1)
     ttft, tpot = [], []
     for i in range(8):  # one at a time: nothing else runs
@@ -140,7 +157,7 @@ async def _probe(base: str, model: str, scenario: Scenario) -> Overhead:
             (record,) = await loadgen.run_load(base, model, [p])
             value = record.ttft_s if out is ttft else record.tpot_s
             if record.ok and value is not None:
-                out.append(value)
+                out.append(value / time_scale)
     perf = _model(scenario)
     prefill = perf.step_time(BatchShape.from_requests([(_PROBE_SHORT[0], 0)]))
     prompt, output = _PROBE_LONG
@@ -153,11 +170,14 @@ def _model(scenario: Scenario) -> StepTimeModel:
     return StepTimeModel(gpu_spec(pool.gpu_type), scenario.fleet.model(pool.model).transformer_spec())
 
 
-def compare(live: list[RequestRecord], sim: SimResult, overhead: Overhead) -> dict[str, dict[str, float]]:
-    """p50/p99 of TTFT and TPOT: live, simulated, their % difference, and the simulated
-    value plus the measured overhead (TTFT: + the fixed one; TPOT: + the per-token one)."""
+def compare(live: list[RequestRecord], sim: SimResult, overhead: Overhead,
+            time_scale: float = 1.0) -> dict[str, dict[str, float]]:
+    """p50/p99 of TTFT and TPOT: live (divided by `time_scale`, the GPU's seconds),
+    simulated, their % difference, and the simulated value plus the measured overhead
+    (TTFT: + the fixed one; TPOT: + the per-token one)."""
     ok = [r for r in live if r.ok]
-    values = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok if r.tpot_s is not None]}
+    values = {"ttft": [r.ttft_s / time_scale for r in ok],
+              "tpot": [r.tpot_s / time_scale for r in ok if r.tpot_s is not None]}
     book = sim.records
     done = book.labelled("status") == "ok"
     simulated = {"ttft": book.column("ttft_s")[done], "tpot": book.column("tpot_s")[done]}
@@ -191,8 +211,9 @@ def perfmodel_errors() -> dict[str, dict[str, float]]:
     return out
 
 
-def format_table(table: dict, overhead: Overhead, errors: dict) -> str:
-    lines = [f"{'metric':<10} {'live':>9} {'sim':>9} {'diff':>8}   {'sim+overhead':>12} {'diff':>8}"]
+def format_table(table: dict, overhead: Overhead, time_scale: float) -> str:
+    lines = [f"time scale {time_scale:g} (latencies in the GPU's seconds):",
+             f"{'metric':<10} {'live':>9} {'sim':>9} {'diff':>8}   {'sim+overhead':>12} {'diff':>8}"]
     for key, row in table.items():
         if key == "requests":
             continue
@@ -202,14 +223,19 @@ def format_table(table: dict, overhead: Overhead, errors: dict) -> str:
     lines.append(f"requests: live {r['live_ok']}/{r['live_sent']} ok, sim {r['sim_ok']} ok")
     lines.append(f"live overhead the simulator does not model: {overhead.ttft_s * 1e3:.1f} ms per request "
                  f"(TTFT), {overhead.tpot_s * 1e3:.2f} ms per output token (TPOT)")
-    lines.append("\nperformance model vs Vidur operator timings (median / p90 abs. relative error):")
+    return "\n".join(lines)
+
+
+def format_errors(errors: dict) -> str:
+    lines = ["performance model vs Vidur operator timings (median / p90 abs. relative error):"]
     for gpu, groups in errors.items():
         cells = ", ".join(f"{g} {s['median']:.1%}/{s['p90']:.1%}" for g, s in groups.items() if g != "embed")
         lines.append(f"  {gpu:<10} {cells}")
     return "\n".join(lines)
 
 
-def plot(live: list[RequestRecord], sim: SimResult, path: Path) -> None:
+def plot(runs: list[tuple[float, list[RequestRecord]]], sim: SimResult, path: Path) -> None:
+    """CDFs of TTFT and TPOT: each live run (time scale, records) in the GPU's seconds, and the simulator's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,15 +244,16 @@ def plot(live: list[RequestRecord], sim: SimResult, path: Path) -> None:
     book = sim.records
     done = book.labelled("status") == "ok"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, column in ((axes[0], "ttft_s", "ttft_s"), (axes[1], "tpot_s", "tpot_s")):
-        lv = np.sort([getattr(r, metric) for r in live if r.ok and getattr(r, metric) is not None])
-        sv = np.sort(book.column(column)[done])
-        sv = sv[~np.isnan(sv)]
-        for values, label in ((lv, "live (Ray Serve, HTTP)"), (sv, "simulated")):
+    for ax, metric in ((axes[0], "ttft_s"), (axes[1], "tpot_s")):
+        curves = [(np.sort([getattr(r, metric) / scale for r in live if r.ok and getattr(r, metric) is not None]),
+                   f"live, time scale {scale:g} (Ray Serve, HTTP)") for scale, live in runs]
+        sv = np.sort(book.column(metric)[done])
+        curves.append((sv[~np.isnan(sv)], "simulated"))
+        for values, label in curves:
             ax.plot(values * 1e3, np.arange(1, len(values) + 1) / len(values), label=label)
         ax.set(xscale="log", xlabel=f"{metric[:-2].upper()} (ms)", ylabel="fraction of requests")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"calibration: {sim.scenario.description}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,24 +271,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", type=Path, default=SCENARIO)
     parser.add_argument("--seconds", type=float, default=60.0, help="trace slice replayed")
+    parser.add_argument("--time-scale", default="1,8",
+                        help="comma-separated: one live run per scale (engines that many times slower)")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
+    scales = [float(x) for x in args.time_scale.split(",")]
+    if not scales or min(scales) <= 0:
+        parser.error(f"--time-scale: positive numbers, got {args.time_scale!r}")
     scenario = with_window(next(iter(load_scenarios(args.scenario).values())), args.seconds)
-    plan = plan_of(scenario)
-    load = os.getloadavg()
-    began = time.monotonic()
-    live, overhead = replay_live(scenario, plan)
     sim = Simulation(scenario).run()
-    table = compare(live, sim, overhead)
+    runs, results = [], []
+    for scale in scales:
+        load = os.getloadavg()
+        began = time.monotonic()
+        live, overhead = replay_live(scenario, plan_of(scenario, scale), time_scale=scale)
+        table = compare(live, sim, overhead, scale)
+        print(format_table(table, overhead, scale))
+        print(f"(live run {time.monotonic() - began:.0f} s; load average before it {load[0]:.1f} on "
+              f"{os.cpu_count()} cores)\n", flush=True)
+        runs.append((scale, live))
+        results.append({"time_scale": scale, "table": table, "overhead": vars(overhead), "load_average": load[0]})
     errors = perfmodel_errors()
-    print(format_table(table, overhead, errors))
-    print(f"(live run {time.monotonic() - began:.0f} s; load average before it {load[0]:.1f} on "
-          f"{os.cpu_count()} cores)")
+    print(format_errors(errors))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(
-        {"scenario": scenario.name, "seconds": args.seconds, "table": table,
-         "overhead": vars(overhead), "perfmodel_vs_vidur": errors, "load_average": load[0]}, indent=1))
-    plot(live, sim, args.out / "calibration.png")
+        {"scenario": scenario.name, "seconds": args.seconds, "runs": results, "perfmodel_vs_vidur": errors,
+         "machine": machine()}, indent=1))
+    plot(runs, sim, args.out / "calibration.png")
     print(f"wrote {args.out / 'calibration.json'} and {args.out / 'calibration.png'}")
     return 0
 

@@ -84,11 +84,19 @@ class FleetHandle:
         return (_sample(text, f"{name}_sum", labels), int(_sample(text, f"{name}_count", labels)))
 
 
-    async def counter(self, http: httpx.AsyncClient, name: str) -> dict[str, float]:
-        """Every series of a counter on the controller's /metrics, keyed by its label values."""
-        text = (await http.get(self.metrics_url, timeout=10.0)).text
-        return {"/".join(v for _, v in re.findall(r'(\w+)="([^"]*)"', labels)): float(value)
-                for labels, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE)}
+    async def counter(self, http: httpx.AsyncClient, name: str, labels: tuple[str, ...]) -> dict[str, float]:
+        """Every series of a counter on the controller's /metrics (`counter_series`)."""
+        return counter_series((await http.get(self.metrics_url, timeout=10.0)).text, name, labels)
+
+
+def counter_series(text: str, name: str, labels: tuple[str, ...]) -> dict[str, float]:
+    """Every series of counter `name` in Prometheus exposition `text`, keyed by the values
+    of `labels` in that order, joined by "/" (whatever order the exposition writes them in)."""
+    out: dict[str, float] = {}
+    for series, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        out["/".join(found.get(label, "") for label in labels)] = float(value)
+    return out
 
 
 def _sample(text: str, name: str, labels: Mapping[str, str]) -> float:

@@ -55,6 +55,7 @@ from orchestrator.view_builder import replica_speed
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = REPO / "bench" / "scenarios" / "migration_trace.yaml"
 CONFIGS = ("migration-on", "migration-off", "round-robin", "power-of-two")
+_BY = ("reason", "outcome")  # flotilla_migrations_total keyed "reason/outcome"
 
 
 # the live fleet of one variant --------------------------------------------------------------
@@ -115,7 +116,7 @@ async def _load(name: str, scenario: Scenario, fleet: FleetHandle, plan: loadgen
             raise RuntimeError(f"{name}: warm-up failed: {sorted({r.error for r in warm if not r.ok})}")
         replicas = await fleet.ready_replicas(http, scenario.fleet.pools[0].name)
         preempted = await _preemptions(fleet, replicas)
-        moved = await fleet.counter(http, "flotilla_migrations_total")
+        moved = await fleet.counter(http, "flotilla_migrations_total", _BY)
         samples: list[Sample] = []
         sampling = asyncio.create_task(_sample(fleet, http, samples))
         began, load_before = time.monotonic(), os.getloadavg()[0]
@@ -124,7 +125,8 @@ async def _load(name: str, scenario: Scenario, fleet: FleetHandle, plan: loadgen
         finally:
             sampling.cancel()
         wall = time.monotonic() - began
-        moves = {k: v - moved.get(k, 0) for k, v in (await fleet.counter(http, "flotilla_migrations_total")).items()}
+        after = await fleet.counter(http, "flotilla_migrations_total", _BY)
+        moves = {k: v - moved.get(k, 0) for k, v in after.items()}
         preemptions = await _preemptions(fleet, replicas) - preempted
     arrivals_end = plan.requests[-1].at_s
     window = [s for s in samples if s.t <= arrivals_end] or samples

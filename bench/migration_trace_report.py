@@ -142,7 +142,10 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     cdf.set_ylabel("fraction of requests")
     cdf.set_title("live: TTFT distribution per configuration")
     cdf.grid(True, which="both", alpha=0.3)
-    cdf.legend(fontsize=8)
+    if cdf.lines:
+        cdf.legend(fontsize=8)
+    else:  # a simulator-only run (--skip-live)
+        cdf.text(0.5, 0.5, "no live run", ha="center", va="center", transform=cdf.transAxes)
     parts = [(p, result[p]["configs"] if p == "live" else result[p]) for p in ("live", "simulator") if p in result]
     width = 0.8 / max(1, 2 * len(parts))
     for i, (part, rows) in enumerate(parts):

@@ -200,7 +200,8 @@ class MigrationConfig(_Strict):
     low_load: float = Field(default=0.5, ge=0)  # a replica at or below this may take requests
     bandwidth_window_s: float = Field(default=1.0, gt=0)  # KV bytes in flight <= budget x window
     cooldown_s: float = Field(default=5.0, ge=0)  # after arriving on a replica, a request stays a while
-    # SLO class -> fraction of KV kept free for it; default: 10% for the highest-priority class
+    # SLO class -> fraction of KV kept free for it (held back from other classes only);
+    # default: 10% for the highest-priority class
     headroom: dict[str, float] | None = None
 
     @model_validator(mode="after")

@@ -28,15 +28,17 @@ each seeing the moves of those before it:
    loaded than the source.
 
 Everywhere: a target is READY, serves the source's model, is not the source, and has
-room: KV blocks beyond its headroom for a running request, a queue slot (and capacity it
-could ever run in) for a queued one. A request moves at most once; never while it is
-migrating already or listed on two replicas (a handoff), inside its cooldown (`now -
-arrived_at < cooldown_s`: a migrated request arrives afresh on its target, so this also
-stops one from bouncing back; save the queued re-dispatch of rule 4), or with fewer than `min_remaining_tokens` left to
-generate. KV copies (running requests) count against `max_per_replica` (as source or
-target), `max_concurrent` and the bandwidth budget, with those already in flight;
-re-dispatching a queued request copies nothing and counts against none of them. Ties
-break by replica id, then request id. With `enabled` off, only DRAIN runs.
+room: for a running request, KV blocks beyond the headroom held back from it (headroom is
+kept free *for* its class, so a request of that class may use it: see
+`LoadLedger.reserved_blocks`); for a queued one, a queue slot and capacity it could ever
+run in. A request moves at most once; never while it is migrating already or listed on
+two replicas (a handoff), inside its cooldown (`now - arrived_at < cooldown_s`: a migrated
+request arrives afresh on its target, so this also stops one from bouncing back; save the
+queued re-dispatch of rule 4), or with fewer than `min_remaining_tokens` left to generate.
+KV copies (running requests) count against `max_per_replica` (as source or target),
+`max_concurrent` and the bandwidth budget, with those already in flight; re-dispatching a
+queued request copies nothing and counts against none of them. Ties break by replica id,
+then request id. With `enabled` off, only DRAIN runs.
 
 Pure: `now` is handed in (seconds, on the engines' wall clock, like `arrived_at`).
 Units: KV blocks, bytes, seconds, fractions of a replica's KV capacity.

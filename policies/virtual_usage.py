@@ -7,7 +7,10 @@ normalised to the replica's own KV capacity so that replicas on different GPUs c
 Queued demand is what makes a replica with a long queue look loaded before it has
 allocated anything (de-fragmentation falls out of this: the head-of-line request's demand
 pushes its replica up the list); headroom is what makes a replica serving a protected
-(high-priority) class look fuller than its blocks say, so that less is sent to it.
+(high-priority) class look fuller than its blocks say, so that less is sent to it. The
+headroom is held back from requests of other classes only: a request of the protected
+class may use it (were every request protected, holding it back from them would only
+leave capacity idle).
 A replica with no KV capacity has infinite usage. Floats compare in a total order (no
 NaN can arise: capacities are checked), with ties broken by replica id by the callers.
 
@@ -149,13 +152,21 @@ class LoadLedger:
         held = (c for c, n in load.classes.items() if n - (c == drop) > 0)
         return headroom_fraction([*held, add] if add is not None else held, self.headroom)
 
-    def reserved_blocks(self, replica_id: str, extra_class: str | None = None) -> int:
-        """KV blocks held back as headroom for the protected classes it holds (and `extra_class`)."""
+    def reserved_blocks(self, replica_id: str, for_class: str | None = None) -> int:
+        """KV blocks held back as headroom from a request of `for_class` (None: from any
+        request): the headroom of the protected classes the replica holds, and of
+        `for_class`'s own, less what `for_class` itself is entitled to. Headroom is kept
+        free *for* its class: a request of that class, or of one with as much headroom,
+        may use it (when every request is of the protected class, none is held back)."""
         load = self._loads[replica_id]
-        return math.ceil(self._fraction(load, add=extra_class) * load.replica.kv_blocks_total)
+        fraction = self._fraction(load, add=for_class)
+        if for_class is not None:
+            fraction = max(0.0, fraction - self.headroom.get(for_class, 0.0))
+        return math.ceil(fraction * load.replica.kv_blocks_total)
 
     def room(self, replica_id: str, request: RequestStatus | None = None) -> int:
-        """KV blocks free beyond the headroom (the headroom `request`'s class would add included)."""
+        """KV blocks free beyond the headroom held back from `request` (from any request
+        when None; see `reserved_blocks`)."""
         load = self._loads[replica_id]
         reserved = self.reserved_blocks(replica_id, None if request is None else request.slo_class)
         return load.replica.kv_blocks_total - load.used - reserved
@@ -169,7 +180,7 @@ class LoadLedger:
         return self.room(replica_id, request) - self._loads[replica_id].queued
 
     def could_ever_fit(self, replica_id: str, request: RequestStatus) -> bool:
-        """Whether `request` fits the replica's capacity less headroom, were it empty."""
+        """Whether `request` fits the replica's capacity less the headroom held back from it, were it empty."""
         load = self._loads[replica_id]
         reserved = self.reserved_blocks(replica_id, request.slo_class)
         return load.replica.kv_blocks_total - reserved >= request.kv_blocks(load.replica.block_size)

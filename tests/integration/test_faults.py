@@ -37,6 +37,16 @@ def admin(fleet, method: str, path: str, **kwargs) -> httpx.Response:
     return httpx.request(method, f"{fleet.base_url}/admin/v1{path}", headers=ADMIN, timeout=30, **kwargs)
 
 
+def listing(fleet, path: str) -> list[dict]:
+    """GET a list from the admin API; empty while it answers 503 (its controller is busy
+    or restarting and says to retry), so a `wait_for` over it tries again."""
+    r = admin(fleet, "GET", path)
+    if r.status_code == 503:
+        return []
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def whole_text(fleet, body: dict) -> str:
     r = httpx.post(f"{fleet.base_url}/v1/completions", json={**body, "stream": False}, timeout=300)
     assert r.status_code == 200, r.text
@@ -56,7 +66,7 @@ def stream_through(fleet, body: dict, fault) -> tuple[str, str, str]:
         lines = (line for line in response.iter_lines() if line.startswith("data: {"))
         chunks.append(json.loads(next(lines)[6:]))
         request_id = chunks[0]["id"]
-        listed = wait_for(lambda: [r for r in admin(fleet, "GET", "/requests").json()
+        listed = wait_for(lambda: [r for r in listing(fleet, "/requests")
                                    if r["request_id"] == request_id], timeout_s=20, what="the request to be listed")
         source = listed[0]["replica_id"]
         fault(source)
@@ -70,7 +80,7 @@ def fault_of(fleet, target: str, cause: str | None = None, since: float = 0.0,
              component: str | None = None) -> dict | None:
     """The first fault of `target` (of `cause`, of `component`) detected at or after `since`
     (wall-clock seconds). A node's id names both its node fault and its KV store's."""
-    return next((f for f in admin(fleet, "GET", "/faults").json() if f["target"] == target
+    return next((f for f in listing(fleet, "/faults") if f["target"] == target
                  and (cause is None or f["cause"] == cause) and (component is None or f["component"] == component)
                  and f["detected_at"] >= since), None)
 

@@ -150,11 +150,11 @@ def test_priority_moves_the_lowest_priority_first_and_never_equal_or_higher():
 @pytest.mark.parametrize("fleet, note", [
     (view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"), filler("f", 95, priority=10,
                                                                                        slo="interactive")),
-          rep("t", filler("ft", 85))),
+          rep("t", filler("ft", 91))),
      "priority r: still 15 KV block(s) short for protected requests: no (more) running requests"),
-    # t's room (100 - 85 used - 10 headroom) takes neither b nor i
+    # t's 9 free blocks take neither b (40) nor i (10)
     (view(rep("r", req("b", 40), req("i", 10, running=False, priority=10, slo="interactive"), used=95),
-          rep("t", filler("ft", 85))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
+          rep("t", filler("ft", 91))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
 ])
 def test_priority_says_why_it_cannot_free_enough(fleet, note):
     p = plan(fleet, headroom={"interactive": 0.1}, high_load=5.0)
@@ -185,6 +185,19 @@ def test_defragment_frees_another_replica_and_sends_the_queued_request_there():
     p = plan(fleet)
     assert moves(p) == [("b1", "b", "c"), ("b2", "b", "c"), ("q", "a", "b")]
     assert {d.reason for d in p.decisions} == {DEFRAGMENT}
+
+
+def test_defragment_uses_the_headroom_kept_for_the_class_every_request_is_in():
+    # all interactive, 10% kept free for interactive: that headroom is theirs to use, so b
+    # takes a1 (6 blocks into its 15 free) and a then has the 20 that q needs
+    i = {"slo": "interactive", "priority": 10}
+    fleet = view(rep("a", req("a1", 6, **i), filler("a2", 79, **i), req("q", 20, running=False, **i)),
+                 rep("b", filler("b1", 85, **i)))
+    assert moves(plan(fleet, headroom={"interactive": 0.1})) == [("a1", "a", "b")]
+    # a batch request may not use it: b keeps its 10 blocks free of a1
+    batch = view(rep("a", req("a1", 6), filler("a2", 79, **i), req("q", 20, running=False, **i)),
+                 rep("b", filler("b1", 85, **i)))
+    assert plan(batch, headroom={"interactive": 0.1}, high_load=5.0).decisions == ()
 
 
 def test_defragment_is_all_or_nothing():

@@ -37,6 +37,20 @@ def test_the_ledger_takes_migrations_in_flight_as_done():
     assert (ledger.usage("a"), ledger.usage("c")) == (0.4, 0.4)
 
 
+@pytest.mark.parametrize("holds, for_class, reserved", [
+    ("interactive", None, 10),  # from any request: the headroom of the classes it holds
+    ("interactive", "batch", 10),  # kept free for interactive, not for batch
+    ("interactive", "interactive", 0),  # ... which may use it
+    ("batch", "interactive", 0),  # an interactive request brings its own headroom, and may use it
+    ("x", "interactive", 10),  # x keeps 0.2 free: interactive (0.1) may use half of it
+])
+def test_headroom_is_held_back_from_other_classes_not_from_its_own(holds, for_class, reserved):
+    ledger = LoadLedger(view(rep("a", req("q", 50, slo=holds))), {"interactive": 0.1, "x": 0.2})
+    assert ledger.reserved_blocks("a", for_class) == reserved
+    if for_class is not None:
+        assert ledger.room("a", req("n", 1, slo=for_class)) == 50 - reserved
+
+
 # --- the projected view --------------------------------------------------------------
 
 
