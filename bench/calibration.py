@@ -14,7 +14,7 @@
    requests arrive k times more slowly into engines k times slower: the fleet sees the
    scenario's load in slow motion while the per-token CPU work per real second falls k
    times. What is compared there is the part the simulator models: batching, KV
-   accounting, routing and queueing. Each scale is one live run.
+   accounting, routing and queueing (`bench.time_scale`). Each scale is one live run.
 2. Simulated: the same scenario through `bench.simulator`.
 3. The gap the simulator does not model, measured rather than fudged: requests sent
    one at a time to the idle live fleet (a 16-token prompt for 2 tokens; one prompt for
@@ -45,6 +45,7 @@ from bench import loadgen
 from bench.report import RequestRecord, machine
 from bench.simulator.scenario import Scenario, load_scenarios
 from bench.simulator.simulation import SimResult, Simulation, build_workload
+from bench.time_scale import slowed
 from policies.perfmodel import BatchShape, StepTimeModel, gpu_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,13 +101,10 @@ def replay_live(scenario: Scenario, plan: list[loadgen.PlannedRequest], progress
     from orchestrator.embedded import APP_NAME, head_resources
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = scenario.fleet.server
-    config = scenario.fleet.model_copy(update={
-        "pools": [pool.model_copy(update={"engine_args": {**pool.engine_args, "time_scale": time_scale}})
-                  for pool in scenario.fleet.pools],
-        "server": server.model_copy(update={"port": _free_port(),
-                                            "admission_timeout_s": server.admission_timeout_s * time_scale}),
-        "controller": scenario.fleet.controller.model_copy(update={"metrics_port": 0})})
+    fleet = slowed(scenario.fleet, time_scale)
+    config = fleet.model_copy(update={
+        "server": fleet.server.model_copy(update={"port": _free_port()}),
+        "controller": fleet.controller.model_copy(update={"metrics_port": 0})})
     model = scenario.model_name
     base = f"http://{config.server.host}:{config.server.port}/v1"
     res = head_resources(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import signal
 import socket
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import ray
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import embedded
 from orchestrator.config import FleetConfig, parse_config
@@ -81,8 +81,7 @@ class FleetHandle:
     async def histogram(self, http: httpx.AsyncClient, name: str, labels: Mapping[str, str]) -> tuple[float, int]:
         """(sum, count) of one histogram series on the controller's /metrics; (0, 0) before any."""
         text = (await http.get(self.metrics_url, timeout=10.0)).text
-        return (_sample(text, f"{name}_sum", labels), int(_sample(text, f"{name}_count", labels)))
-
+        return (series_value(text, f"{name}_sum", labels), int(series_value(text, f"{name}_count", labels)))
 
     async def counter(self, http: httpx.AsyncClient, name: str, labels: tuple[str, ...]) -> dict[str, float]:
         """Every series of a counter on the controller's /metrics (`counter_series`)."""
@@ -92,19 +91,21 @@ class FleetHandle:
 def counter_series(text: str, name: str, labels: tuple[str, ...]) -> dict[str, float]:
     """Every series of counter `name` in Prometheus exposition `text`, keyed by the values
     of `labels` in that order, joined by "/" (whatever order the exposition writes them in)."""
-    out: dict[str, float] = {}
-    for series, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', series))
-        out["/".join(found.get(label, "") for label in labels)] = float(value)
-    return out
+    return {"/".join(found.get(label, "") for label in labels): value for found, value in _series(text, name)}
 
 
-def _sample(text: str, name: str, labels: Mapping[str, str]) -> float:
-    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
+def series_value(text: str, name: str, labels: Mapping[str, str]) -> float:
+    """The first series of `name` whose labels include `labels`; 0 when there is none yet."""
+    return next((value for found, value in _series(text, name)
+                 if all(found.get(k) == v for k, v in labels.items())), 0.0)
+
+
+def _series(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` (e.g. `x_total`, `x_sum`) in `text`."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample.labels, sample.value
 
 
 @contextlib.contextmanager

@@ -14,13 +14,10 @@ prompts. The configurations differ only where the scenario's variants say:
 - round-robin / power-of-two: routing `weights: {round_robin | power_of_two: 1}`,
   `load_guard: 1.0`, migration off: the baselines, scorers over the same router.
 
-This 2-core machine cannot carry thousands of streamed tokens per second through Ray
-Serve, so the sim engines run `time_scale` times slower than the GPU they simulate and
-the arrivals are compressed as much (the scenario's pace divided by `time_scale`): the
-fleet sees the scenario's load, in slow motion, while the tokens per real second stay
-in the range the system carries with small overhead. Durations about requests scale
-with it (`admission_timeout_s`, `migration.cooldown_s`); the control period stays in
-real seconds. Latencies are printed in the simulated GPU's seconds (measured / scale).
+The sim engines run `time_scale` times slower than the GPU they simulate and the
+arrivals are spread as much (the scenario's pace divided by `time_scale`), so that this
+2-core machine carries the streamed tokens with small overhead (`bench.time_scale`).
+Latencies are printed in the simulated GPU's seconds (measured / scale).
 
 Per configuration: TTFT p50/p99, TPOT p99, preemptions (engine stats), migrations
 (controller counter), the load while requests arrived (mean KV usage, and output
@@ -47,9 +44,10 @@ import numpy as np
 from actors.replica_client import ReplicaClient
 from bench import loadgen, traces
 from bench.migration_fleet import FleetHandle, running_fleet
-from bench.migration_trace_report import LiveRun, plot, print_tables, sim_rows, summarize_live
+from bench.migration_trace_report import LiveRun, plot, print_tables, sim_rows, summarize_live, ttft_interval
 from bench.report import RESULTS_DIR, machine, write_json
 from bench.simulator.scenario import Scenario, load_scenarios
+from bench.time_scale import slowed
 from orchestrator.view_builder import replica_speed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,13 +60,9 @@ _BY = ("reason", "outcome")  # flotilla_migrations_total keyed "reason/outcome"
 
 def live_overrides(scenario: Scenario, time_scale: float) -> dict[str, Any]:
     """The scenario variant's fleet as a live config: its migration and routing, the sim
-    engines `time_scale` times slower, request-time durations scaled with them."""
-    fleet = scenario.fleet.model_dump(mode="json")
+    engines and the durations that shape the fleet `time_scale` times slower (`slowed`)."""
+    fleet = slowed(scenario.fleet, time_scale).model_dump(mode="json")
     fleet.pop("admin", None)
-    for pool in fleet["pools"]:
-        pool["engine_args"] = {**pool["engine_args"], "time_scale": time_scale}
-    fleet["server"]["admission_timeout_s"] *= time_scale
-    fleet["migration"]["cooldown_s"] *= time_scale
     fleet["migration"]["enabled"] = any(h.name == "migration" for h in scenario.hooks)
     if scenario.routing is not None:
         fleet["routing"] = {**fleet["routing"], **scenario.routing.model_dump(mode="json")}
@@ -203,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             seen[name] = seen.get(name, 0) + 1
             runs.append(run_live(args.scenario, name, scenarios[name], args.time_scale, plan, seen[name]))
         result["live"] = {"plan": loadgen.describe_plan(plan), "time_scale": args.time_scale,
-                          "configs": summarize_live(runs),
+                          "configs": summarize_live(runs), "ttft_p99_ratio_interval": ttft_interval(runs),
                           "runs": [{**asdict(r), "records": [asdict(x) for x in r.records]} for r in runs]}
     if not args.skip_sim:
         summaries = run_simulator(args.scenario, [n for n in CONFIGS if n in scenarios], RESULTS_DIR)

@@ -2,10 +2,19 @@
 
 Live latencies are divided by the run's `time_scale`: seconds of the simulated GPU, the
 unit the simulator reports in, so the two tables read alike. Pure over the records.
+
+A p99 over ~290 requests is set by its three slowest, so one run pair says little on its
+own: the p99 ratio comes with a bootstrap 95% interval, and the live runs of several
+invocations pool into one table:
+
+    python -m bench.migration_trace_report bench/results/migration_trace*.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +92,26 @@ def sim_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
              "migrations_done": s["disruptions"]["migrations"]} for s in summaries]
 
 
+def ratio_interval(off: Sequence[float], on: Sequence[float], q: float = 99, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of percentile(off, q) / percentile(on, q): both samples
+    resampled with replacement, independently, `draws` times (seeded, so repeatable)."""
+    if not len(off) or not len(on):
+        raise ValueError("ratio_interval needs requests in both configurations")
+    rng = np.random.default_rng(seed)
+    off_draws = np.percentile(rng.choice(np.asarray(off, float), (draws, len(off))), q, axis=1)
+    on_draws = np.percentile(rng.choice(np.asarray(on, float), (draws, len(on))), q, axis=1)
+    low, high = np.percentile(off_draws / on_draws, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def ttft_interval(runs: Sequence[LiveRun]) -> tuple[float, float] | None:
+    """`ratio_interval` of p99 TTFT, migration-off over -on, their runs pooled (None unless both ran)."""
+    ttft = {name: [x.ttft_s / r.time_scale for r in runs if r.name == name for x in r.records if x.ok]
+            for name in ("migration-off", "migration-on")}
+    return ratio_interval(ttft["migration-off"], ttft["migration-on"]) if all(ttft.values()) else None
+
+
 def ratio(rows: Sequence[dict[str, Any]], key: str = "ttft_p99_s") -> float | None:
     """`key` of migration-off over migration-on (None unless both ran)."""
     by = {r["config"]: r[key] for r in rows}
@@ -109,6 +138,9 @@ def print_tables(result: Mapping[str, Any]) -> None:
             value = ratio(rows, key)
             shown = "-" if value is None else f"{value:.2f}x"
             target = f"  (target >= {TARGET_RATIO:g}x)" if key == "ttft_p99_s" else ""
+            interval = result[part].get("ttft_p99_ratio_interval") if part == "live" else None
+            if key == "ttft_p99_s" and interval:
+                target = f"; 95% bootstrap interval {interval[0]:.2f}-{interval[1]:.2f}x" + target
             print(f"  {key.removesuffix('_s')} migration-off / migration-on: {shown}{target}")
 
 
@@ -161,3 +193,31 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def live_runs(result: Mapping[str, Any]) -> list[LiveRun]:
+    """The live runs of one `bench.migration_trace` JSON result, records included."""
+    return [LiveRun(**{**r, "records": tuple(RequestRecord(**{**x, "chunk_times_s": tuple(x["chunk_times_s"])})
+                                              for x in r["records"]),
+                       "samples": tuple(r["samples"])})
+            for r in result.get("live", {}).get("runs", [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="pool the live runs of several bench.migration_trace results")
+    parser.add_argument("results", nargs="+", type=Path, help="JSON files that bench.migration_trace wrote")
+    args = parser.parse_args(argv)
+    runs: list[LiveRun] = []
+    for path in args.results:
+        found = live_runs(json.loads(path.read_text()))
+        print(f"{path}: {len(found)} live run(s)" + (" (none: a --skip-live result)" if not found else ""))
+        runs += found
+    scales = sorted({r.time_scale for r in runs})
+    if len(scales) != 1:
+        parser.error(f"the results' live runs must share one time scale to pool, got {scales or 'no live run'}")
+    print_tables({"live": {"configs": summarize_live(runs), "ttft_p99_ratio_interval": ttft_interval(runs)}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

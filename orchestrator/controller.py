@@ -25,6 +25,7 @@ from orchestrator.fleet_status import (
     FaultView,
     FleetStatus,
     InFlightRequest,
+    MigrationPlanView,
     MigrationView,
     NodeStatus,
     PoolStatus,
@@ -97,6 +98,7 @@ class Controller:
         self.placement = PlacementManager(config, self.state, self.replicas, self.metrics, clock, autoscaler)
         self.kube = kube_sync(self.state, lambda: dict(self.replicas.desired)) if kube_sync else None
         self.view: FleetView | None = None
+        self.migration_plan = MigrationPlanView(None, 0, 0, ())
         self._exported: dict[str, tuple[str, ...]] = {}  # replica id -> labels of its gauge series
         self._managers: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("nodes", self.nodes.update),
@@ -341,7 +343,9 @@ class Controller:
     async def _migrate(self) -> None:
         """Drain draining replicas, keep headroom, defragment and balance: the policy's plan, carried out."""
         if self.view is not None:
-            self.migrations.carry_out(self.migrations.plan(self.view))
+            plan = self.migrations.plan(self.view)
+            started = self.migrations.carry_out(plan)
+            self.migration_plan = MigrationPlanView(self.clock(), len(plan.decisions), started, plan.notes)
 
     async def _export_metrics(self) -> None:
         m = self.metrics

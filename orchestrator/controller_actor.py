@@ -19,6 +19,7 @@ from orchestrator.fleet_status import (
     FaultView,
     FleetStatus,
     InFlightRequest,
+    MigrationPlanView,
     MigrationView,
     NodeStatus,
     PoolStatus,
@@ -142,6 +143,9 @@ class ControllerActor:
 
     def migrations(self) -> tuple[MigrationView, ...]:
         return self.controller.recent_migrations()
+
+    def migration_plan(self) -> MigrationPlanView:
+        return self.controller.migration_plan
 
     def faults(self) -> tuple[FaultView, ...]:
         return self.controller.recent_faults()

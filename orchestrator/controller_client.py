@@ -18,6 +18,7 @@ from orchestrator.fleet_status import (
     FaultView,
     FleetStatus,
     InFlightRequest,
+    MigrationPlanView,
     MigrationView,
     NodeStatus,
     PoolStatus,
@@ -131,6 +132,9 @@ class ControllerClient:
 
     async def migrations(self, timeout_s: float = 5.0) -> tuple[MigrationView, ...]:
         return await self._call(self._handle.migrations.remote(), timeout_s)
+
+    async def migration_plan(self, timeout_s: float = 5.0) -> MigrationPlanView:
+        return await self._call(self._handle.migration_plan.remote(), timeout_s)
 
     async def faults(self, timeout_s: float = 5.0) -> tuple[FaultView, ...]:
         return await self._call(self._handle.faults.remote(), timeout_s)

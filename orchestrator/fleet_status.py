@@ -91,6 +91,18 @@ class MigrationView:
 
 
 @dataclass(frozen=True)
+class MigrationPlanView:
+    """The migration policy's latest plan: when it was made, the moves it wanted and how many
+    started, and why wanted moves were not made (a drain held up, protected headroom still
+    short, queued requests that fit nowhere, a bound that refused a copy)."""
+
+    planned_at: float | None  # wall-clock seconds; None before the controller's first plan
+    moves_planned: int
+    moves_started: int  # the rest were skipped: the fleet changed under the view (see the log)
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class FaultView:
     fault_id: str
     component: str

@@ -270,10 +270,16 @@ class _Planner:
             if short is None:
                 continue
             top, need = short
-            lower = [q for q in r.requests if q.running and q.priority < top and self._hold(q) is None]
-            lower.sort(key=lambda q: (q.priority, q.kv_blocks(r.block_size), q.request_id))
-            why = "no (more) running requests of lower priority may move"
-            for q in lower:
+            lower = [q for q in r.requests if q.running and q.priority < top]
+            if not lower:
+                continue  # nothing here this rule could ever move (e.g. one class): no note every period
+            holds = {q.request_id: self._hold(q) for q in lower}
+            held = Counter(why for why in holds.values() if why is not None)
+            movable = sorted((q for q in lower if holds[q.request_id] is None),
+                             key=lambda q: (q.priority, q.kv_blocks(r.block_size), q.request_id))
+            why = "no more running requests of lower priority may move" + "".join(
+                f"; {n} {reason}" for reason, n in sorted(held.items()))
+            for q in movable:
                 if need <= 0:
                     break
                 target, refusal = self._target(q, r.replica_id)

@@ -30,7 +30,14 @@ from orchestrator.admin.views import FleetSummary, ModelSummary, RequestView, re
 from orchestrator.api_errors import field_path
 from orchestrator.controller_client import ControllerUnavailable
 from orchestrator.errors import NotFound, OperationError
-from orchestrator.fleet_status import FaultView, MigrationView, NodeStatus, PoolStatus, ReplicaStatus
+from orchestrator.fleet_status import (
+    FaultView,
+    MigrationPlanView,
+    MigrationView,
+    NodeStatus,
+    PoolStatus,
+    ReplicaStatus,
+)
 from orchestrator.placement_planner import MAX_RATE_SCALE
 from orchestrator.placement_status import PlacementReport
 from orchestrator.power_status import BudgetStatus, PowerCapStatus, PowerStatus
@@ -275,6 +282,14 @@ def build_admin_app() -> FastAPI:
     async def migrations(b: Backend) -> list[MigrationView]:
         """Migrations in flight and recently ended, with their stages, timings and abort reasons."""
         return list(await b.migrations())
+
+    @app.get("/migrations/plan", dependencies=[Viewer], response_model=MigrationPlanView, tags=["migrations"])
+    async def migration_plan(b: Backend) -> MigrationPlanView:
+        """The migration policy's latest plan: moves wanted and started, and why wanted moves were not made.
+
+        Each note names its rule and replica or model, e.g. a drain that cannot finish and why its
+        requests stay, or queued requests that fit on no replica."""
+        return await b.migration_plan()
 
     @app.get("/faults", dependencies=[Viewer], response_model=list[FaultView], tags=["faults"])
     async def faults(b: Backend) -> list[FaultView]:

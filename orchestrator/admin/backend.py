@@ -15,6 +15,7 @@ from orchestrator.fleet_status import (
     FaultView,
     FleetStatus,
     InFlightRequest,
+    MigrationPlanView,
     MigrationView,
     NodeStatus,
     PoolStatus,
@@ -36,6 +37,7 @@ class AdminBackend(Protocol):
     async def scale_pool(self, pool: str, replicas: int, key: str | None = None) -> PoolStatus: ...
     async def migrate_request(self, request_id: str, target: str | None, key: str | None = None) -> MigrationView: ...
     async def migrations(self) -> tuple[MigrationView, ...]: ...
+    async def migration_plan(self) -> MigrationPlanView: ...
     async def faults(self) -> tuple[FaultView, ...]: ...
     async def inject_fault(self, kind: str, target: str, key: str | None = None) -> str: ...
     async def update_settings(self, patch: dict[str, Any], key: str | None = None) -> FleetConfig: ...
@@ -83,6 +85,9 @@ class LocalBackend:
 
     async def migrations(self) -> tuple[MigrationView, ...]:
         return self.actor.migrations()
+
+    async def migration_plan(self) -> MigrationPlanView:
+        return self.actor.migration_plan()
 
     async def faults(self) -> tuple[FaultView, ...]:
         return self.actor.faults()

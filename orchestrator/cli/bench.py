@@ -16,7 +16,7 @@ from pathlib import Path
 
 # helpers of the benchmarks, not benchmarks themselves
 _NOT_BENCHMARKS = {"loadgen", "report", "traces", "migration_downtime_report", "migration_fleet",
-                   "migration_trace_report", "simulator"}
+                   "migration_trace_report", "simulator", "time_scale"}
 
 
 def register(commands) -> None:

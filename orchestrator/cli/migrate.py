@@ -1,4 +1,7 @@
-"""`flotilla migrate REQUEST [--to REPLICA]`: move a decoding request to another replica, live."""
+"""`flotilla migrate REQUEST [--to REPLICA]`: move a decoding request to another replica, live.
+
+`flotilla migrate --list`: recent migrations; `flotilla migrate --plan`: the policy's latest
+plan and why wanted moves were not made."""
 
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ def register(commands) -> None:
     parser.add_argument("request", nargs="?", help="a request id (see `flotilla requests`); omit with --list")
     parser.add_argument("--to", default=None, help="target replica (default: the least loaded of its model)")
     parser.add_argument("--list", action="store_true", help="show recent migrations instead")
+    parser.add_argument("--plan", action="store_true",
+                        help="show the policy's latest plan and why wanted moves were not made")
     parser.add_argument("--idempotency-key", default=None)
     add_api_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return run_api_command(args, lambda api: api.get("/migrations/plan"), _show_plan)
     if args.list or not args.request:
         return run_api_command(args, lambda api: api.get("/migrations"), _show_list)
 
@@ -35,3 +42,12 @@ def _show_list(migrations: list[dict]) -> None:
     print(table(migrations, [("MIGRATION", "migration_id", ""), ("REQUEST", "request_id", ""),
                              ("FROM", "source", ""), ("TO", "target", ""), ("WHY", "reason", ""),
                              ("ROUNDS", "rounds", "d"), ("OUTCOME", "outcome", "")]))
+
+
+def _show_plan(plan: dict) -> None:
+    if plan["planned_at"] is None:
+        print("no plan yet: the controller has not run its migration step")
+        return
+    print(f"{plan['moves_planned']} move(s) planned, {plan['moves_started']} started")
+    for note in plan["notes"]:
+        print(f"  {note}")

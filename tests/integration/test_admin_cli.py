@@ -54,6 +54,13 @@ def test_viewer_cannot_act_and_errors_are_clear(fleet):
     assert missing.returncode == 1 and "404 not_found: no live replica 'nope'" in missing.stderr
 
 
+def test_the_migration_plan_is_shown(fleet):
+    plan = json.loads(flotilla(fleet, "migrate", "--plan", "--json", token=VIEWER_TOKEN).stdout)
+    assert plan["planned_at"] is not None and plan["moves_started"] <= plan["moves_planned"]
+    shown = flotilla(fleet, "migrate", "--plan", token=VIEWER_TOKEN)
+    assert shown.returncode == 0 and "move(s) planned" in shown.stdout  # a table for a person
+
+
 def test_drain_replaces_a_replica_and_cordon_round_trips(fleet):
     victim = fleet.replicas("l4")[0]
     drained = json.loads(flotilla(fleet, "drain", victim.replica_id, "--json").stdout)

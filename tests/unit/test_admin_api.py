@@ -10,6 +10,7 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
+from actors.engines.base import RequestStatus
 from orchestrator.admin.api import PUBLIC_PATHS, build_admin_app
 from orchestrator.admin.audit import Audit
 from orchestrator.admin.auth import Role, TokenStore
@@ -118,6 +119,20 @@ async def test_reads_show_the_fleet(fleet):
     assert {n["gpu_type"] for n in nodes} == {None, "H100", "L4"}
     replicas = (await fleet.call("GET", "/replicas?pool=l4", token=VIEWER)).json()
     assert [r["pool"] for r in replicas] == ["l4"] and replicas[0]["engine"] == "sim"
+
+
+async def test_the_migration_plan_says_why_a_drain_cannot_finish(fleet):
+    quiet = (await fleet.call("GET", "/migrations/plan", token=VIEWER)).json()
+    assert quiet["planned_at"] is not None and quiet["moves_planned"] == 0 and quiet["notes"] == []
+    victim = fleet.replicas[fleet.replica_ids("h100")[0]]
+    victim.running = 1  # 5 tokens left: too close to finishing to move, so the drain waits for it
+    victim.requests = (RequestStatus("last-words", 0, "interactive", 100, 195, 200, True, 0.0),)
+    await fleet.settle(1)
+    assert (await fleet.call("POST", f"/replicas/{victim.spec.replica_id}/drain")).status_code == 200
+    await fleet.settle(1)
+    plan = (await fleet.call("GET", "/migrations/plan", token=VIEWER)).json()
+    assert plan["moves_planned"] == plan["moves_started"] == 0
+    assert plan["notes"] == [f"drain {victim.spec.replica_id}: 1 request(s) stay: about to finish"]
 
 
 async def test_unknown_ids_are_404_and_conflicts_are_409(fleet):

@@ -9,7 +9,7 @@ def test_every_benchmark_is_listed_with_what_it_measures(capsys):
     assert {"serving_overhead", "chaos", "migration_downtime", "kvstore_ttft", "placement_cost",
             "power_oversubscription", "calibration"} <= known.keys()
     assert all(what for what in known.values())  # each states its purpose
-    assert "loadgen" not in known  # helpers are not benchmarks
+    assert "loadgen" not in known and "time_scale" not in known  # helpers are not benchmarks
     assert main(["bench"]) == 0
     assert "routing_decision_time" in capsys.readouterr().out
 

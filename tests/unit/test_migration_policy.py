@@ -148,10 +148,10 @@ def test_priority_moves_the_lowest_priority_first_and_never_equal_or_higher():
 
 
 @pytest.mark.parametrize("fleet, note", [
-    (view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"), filler("f", 95, priority=10,
-                                                                                       slo="interactive")),
+    (view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"), filler("f", 95)),
           rep("t", filler("ft", 91))),
-     "priority r: still 15 KV block(s) short for protected requests: no (more) running requests"),
+     "priority r: still 15 KV block(s) short for protected requests: no more running requests of lower "
+     "priority may move; 1 about to finish"),
     # t's 9 free blocks take neither b (40) nor i (10)
     (view(rep("r", req("b", 40), req("i", 10, running=False, priority=10, slo="interactive"), used=95),
           rep("t", filler("ft", 91))), "priority r: still 15 KV block(s) short for protected requests: no READY"),
@@ -159,6 +159,14 @@ def test_priority_moves_the_lowest_priority_first_and_never_equal_or_higher():
 def test_priority_says_why_it_cannot_free_enough(fleet, note):
     p = plan(fleet, headroom={"interactive": 0.1}, high_load=5.0)
     assert p.decisions == () and p.notes[0].startswith(note)
+
+
+def test_priority_keeps_quiet_where_no_request_of_lower_priority_runs():
+    # one class, all of it protected: nothing the rule could ever move, so no note every period
+    fleet = view(rep("r", req("i", 10, running=False, priority=10, slo="interactive"),
+                     filler("f", 95, priority=10, slo="interactive")), rep("t", filler("ft", 91)))
+    p = plan(fleet, headroom={"interactive": 0.1}, high_load=5.0)
+    assert moves(p, PRIORITY) == [] and not any(n.startswith("priority") for n in p.notes)
 
 
 def test_priority_does_nothing_while_the_protected_requests_fit():
