@@ -50,12 +50,17 @@ def summarize_live(runs: Sequence[LiveRun]) -> list[dict[str, Any]]:
     return [_pooled(name, [r for r in runs if r.name == name]) for name in names]
 
 
+def _ttfts(runs: Sequence[LiveRun]) -> list[float]:
+    """TTFT of every request that succeeded in `runs`, in the simulated GPU's seconds."""
+    return [x.ttft_s / r.time_scale for r in runs for x in r.records if x.ok]
+
+
 def _pooled(name: str, runs: Sequence[LiveRun]) -> dict[str, Any]:
     scale = runs[0].time_scale
     ok = [x for r in runs for x in r.records if x.ok]
-    ttft = [x.ttft_s / scale for x in ok]
+    ttft = _ttfts(runs)
     tpot = [x.tpot_s / scale for x in ok if x.tpot_s is not None]
-    p99s = [percentile([x.ttft_s / scale for x in r.records if x.ok], 99) for r in runs if any(x.ok for x in r.records)]
+    p99s = [percentile(_ttfts([r]), 99) for r in runs if any(x.ok for x in r.records)]
     done = sum(v for r in runs for k, v in r.migrations.items() if k.endswith("/done"))
     row = {
         "config": name, "runs": len(runs), "requests": sum(len(r.records) for r in runs), "ok": len(ok),
@@ -107,8 +112,7 @@ def ratio_interval(off: Sequence[float], on: Sequence[float], q: float = 99, dra
 
 def ttft_interval(runs: Sequence[LiveRun]) -> tuple[float, float] | None:
     """`ratio_interval` of p99 TTFT, migration-off over -on, their runs pooled (None unless both ran)."""
-    ttft = {name: [x.ttft_s / r.time_scale for r in runs if r.name == name for x in r.records if x.ok]
-            for name in ("migration-off", "migration-on")}
+    ttft = {name: _ttfts([r for r in runs if r.name == name]) for name in ("migration-off", "migration-on")}
     return ratio_interval(ttft["migration-off"], ttft["migration-on"]) if all(ttft.values()) else None
 
 
