@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_live(args.scenario, name, scenarios[name], args.time_scale, plan, seen[name]))
         result["live"] = {"plan": loadgen.describe_plan(plan), "time_scale": args.time_scale,
                           "configs": summarize_live(runs), "ttft_p99_ratio_interval": ttft_interval(runs),
-                          "runs": [{**asdict(r), "records": [asdict(x) for x in r.records]} for r in runs]}
+                          "runs": [asdict(r) for r in runs]}  # asdict recurses into the records
     if not args.skip_sim:
         summaries = run_simulator(args.scenario, [n for n in CONFIGS if n in scenarios], RESULTS_DIR)
         result["simulator"] = sim_rows(summaries)

@@ -153,12 +153,14 @@ def test_client_disconnect_aborts_on_the_replica(fleet, pool, model):
 
 
 def test_full_fleet_answers_429_with_retry_after(fleet):
-    """sim-slow runs one sequence at a time with one waiting slot: a burst fills it."""
+    """sim-slow runs one sequence at a time with one waiting slot: a burst fills it. The two
+    it takes hold their places for seconds (100 tokens of an L4's 7B decode each), far past
+    the 1 s admission timeout after which the other three are refused."""
     results: list[httpx.Response] = []
 
     def one():
         results.append(httpx.post(f"{fleet.base_url}/v1/completions", timeout=120, json={
-            "model": "sim-slow", "prompt": "x" * 64, "max_tokens": 300}))
+            "model": "sim-slow", "prompt": "x" * 64, "max_tokens": 100}))
 
     threads = [threading.Thread(target=one) for _ in range(5)]
     began = time.monotonic()

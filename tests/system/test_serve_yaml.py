@@ -3,9 +3,10 @@
 started with `ray start --head` with the GPUs and `accelerator_type:*` resources its
 fleet needs, answer OpenAI requests.
 
-The session's `ray_cluster` lives in this test process; these clusters run in
-subprocesses of their own (own session group, temp dir and ports) and are torn down
-with their process group, so neither sees the other.
+These clusters run in subprocesses of their own (own session group, temp dir, ports and
+auth token) and are torn down with their process group. They are here, not under
+`integration/`, so that they run after that package's cluster is gone and have this
+machine's cores to themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -72,10 +74,13 @@ def local_ray(config: FleetConfig) -> Iterator[RayHead]:
     # Ray's unix sockets need a short path; a fixed port (6379, 8265, 10001, 52365) may be the session's
     temp_dir = tempfile.mkdtemp(prefix="fly-", dir="/tmp")
     gcs, dashboard = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    # Ray's default: token auth. `ray start` uses (or makes) ~/.ray/auth_token; the `serve`
-    # CLI sends it only when told the mode, as an operator's shell would be.
-    env |= {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    # Ray's default is token auth, and `ray start` in token mode refuses to run without a token
+    # (a fresh machine has no ~/.ray/auth_token). This cluster gets a token of its own, as
+    # KubeRay gives each RayCluster one; the `serve` CLI sends it only when told the mode, as
+    # an operator's shell would be.
+    env |= {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
