@@ -127,6 +127,15 @@ def _unservable(problem: PlacementProblem) -> tuple[str, ...]:
     return tuple(problems)
 
 
+# The least load one share of a bucket puts on a replica. A bucket of ~1e-5 req/s has
+# coefficients (rate / capacity) of ~1e-6, at HiGHS's tolerances: it dropped such loads (no
+# replica bought for them) or its presolve called a dearer mix optimal (126 of 300 random
+# workloads with one such bucket, against an exhaustive search). Counted at 1e-4 of a
+# replica, answers agree with HiGHS run without presolve on 3,000 random workloads, and at
+# most a pool within 1e-4 of a whole replica is planned one replica larger.
+MIN_LOAD = 1e-4
+
+
 def _program(problem: PlacementProblem) -> _Program:
     demands = _demands(problem)
     units = problem.slice_factor if problem.form == "sliced" else 1
@@ -136,7 +145,7 @@ def _program(problem: PlacementProblem) -> _Program:
             cap = p.capacity.rate(d.bucket) if p.model == d.model else 0.0
             if cap > 0:
                 edges.append((k, j))
-                coef.append(d.rate / (units * cap))
+                coef.append(max(d.rate / (units * cap), MIN_LOAD))
     return _Program(demands, tuple(edges), np.array(coef, dtype=float), units)
 
 
@@ -168,6 +177,10 @@ def _run(problem: PlacementProblem, program: _Program):
         entries = [(n_pools + e, program.coef[e]) for e, (_, p) in enumerate(program.edges) if p == j]
         if entries:
             add_row(entries + [(j, -1.0)], -np.inf, 0.0)
+    # A pool takes a share only with a replica to run it: implied by the rows above, stated
+    # with unit coefficients that no tolerance blurs (see MIN_LOAD).
+    for e, (_, j) in enumerate(program.edges):
+        add_row([(n_pools + e, 1.0), (j, -float(program.units))], -np.inf, 0.0)
     if problem.power_budget_watts is not None:
         add_row([(j, p.watts_per_replica) for j, p in enumerate(pools)], -np.inf,
                  problem.power_budget_watts)

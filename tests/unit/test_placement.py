@@ -109,6 +109,11 @@ CASES = [
     (10.0, 0.0, 0.0, 4.0),
     (1.0, 1.0, 1.0, 1.0),
     (0.0, 5.0, 7.0, 0.0),
+    # a bucket of ~1e-5 req/s: its loads sit at HiGHS's tolerances, where it once dropped
+    # them (no replica bought) or its presolve called a dearer mix optimal (Hypothesis found it)
+    (0.0, 0.0, 2.0, 1.02e-05),
+    (1e-05, 0.0, 0.0, 0.0),
+    (1e-05, 2.0, 0.5, 7.0),
 ]
 
 
