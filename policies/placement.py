@@ -177,10 +177,6 @@ def _run(problem: PlacementProblem, program: _Program):
         entries = [(n_pools + e, program.coef[e]) for e, (_, p) in enumerate(program.edges) if p == j]
         if entries:
             add_row(entries + [(j, -1.0)], -np.inf, 0.0)
-    # A pool takes a share only with a replica to run it: implied by the rows above, stated
-    # with unit coefficients that no tolerance blurs (see MIN_LOAD).
-    for e, (_, j) in enumerate(program.edges):
-        add_row([(n_pools + e, 1.0), (j, -float(program.units))], -np.inf, 0.0)
     if problem.power_budget_watts is not None:
         add_row([(j, p.watts_per_replica) for j, p in enumerate(pools)], -np.inf,
                  problem.power_budget_watts)
