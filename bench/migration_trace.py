@@ -21,7 +21,8 @@ Latencies are printed in the simulated GPU's seconds (measured / scale).
 
 Per configuration: TTFT p50/p99, TPOT p99, preemptions (engine stats), migrations
 (controller counter), the load while requests arrived (mean KV usage, and output
-tokens/s over the replicas' capacity); then the p99 TTFT ratio off/on (target >= 3).
+tokens/s over the replicas' capacity); then the p99 TTFT ratio off/on (target >= 3), and
+each live run's slowest requests next to the TTFT the simulator gives the same request.
 The simulator runs the same scenario's variants in virtual time (`bench.simulator`).
 Writes bench/results/migration_trace.json and .png (and the simulator's outputs under
 bench/results/migration_trace/).
@@ -44,7 +45,17 @@ import numpy as np
 from actors.replica_client import ReplicaClient
 from bench import loadgen, traces
 from bench.migration_fleet import FleetHandle, running_fleet
-from bench.migration_trace_report import LiveRun, plot, print_tables, sim_rows, summarize_live, ttft_interval
+from bench.migration_trace_report import (
+    LiveRun,
+    plot,
+    print_slowest,
+    print_tables,
+    sim_rows,
+    simulated_ttfts,
+    slowest,
+    summarize_live,
+    ttft_interval,
+)
 from bench.report import RESULTS_DIR, machine, write_json
 from bench.simulator.scenario import Scenario, load_scenarios
 from bench.time_scale import slowed
@@ -53,6 +64,7 @@ from orchestrator.view_builder import replica_speed
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = REPO / "bench" / "scenarios" / "migration_trace.yaml"
 CONFIGS = ("migration-on", "migration-off", "round-robin", "power-of-two")
+SLOWEST = 5  # requests listed per live run, next to the simulator's TTFT for them
 _BY = ("reason", "outcome")  # flotilla_migrations_total keyed "reason/outcome"
 
 
@@ -199,10 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         result["live"] = {"plan": loadgen.describe_plan(plan), "time_scale": args.time_scale,
                           "configs": summarize_live(runs), "ttft_p99_ratio_interval": ttft_interval(runs),
                           "runs": [asdict(r) for r in runs]}  # asdict recurses into the records
+        # the live runs took many minutes: on disk before anything else can fail
+        write_json(RESULTS_DIR / f"{args.out}.json", result)
+        simulated = {name: simulated_ttfts(scenarios[name], name) for name in dict.fromkeys(order)}
+        result["live"]["slowest"] = [{"config": r.name, "run": r.run,
+                                      "requests": [asdict(x) for x in slowest(r, SLOWEST, simulated[r.name])]}
+                                     for r in runs]
     if not args.skip_sim:
         summaries = run_simulator(args.scenario, [n for n in CONFIGS if n in scenarios], RESULTS_DIR)
         result["simulator"] = sim_rows(summaries)
     print_tables(result)
+    if "live" in result:
+        print_slowest(runs, SLOWEST, simulated)
     write_json(RESULTS_DIR / f"{args.out}.json", result)
     plot(result, RESULTS_DIR / f"{args.out}.png")
     print(f"wrote {RESULTS_DIR / (args.out + '.json')} and {RESULTS_DIR / (args.out + '.png')}")

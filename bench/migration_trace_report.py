@@ -1,13 +1,19 @@
 """Summaries, tables and the plot of `bench.migration_trace`, live and simulated.
 
 Live latencies are divided by the run's `time_scale`: seconds of the simulated GPU, the
-unit the simulator reports in, so the two tables read alike. Pure over the records.
+unit the simulator reports in, so the two tables read alike. Pure over the records, save
+`simulated_ttfts`, which runs the simulator.
 
 A p99 over ~290 requests is set by its three slowest, so one run pair says little on its
 own: the p99 ratio comes with a bootstrap 95% interval, and the live runs of several
 invocations pool into one table:
 
-    python -m bench.migration_trace_report bench/results/migration_trace*.json
+    python -m bench.migration_trace_report bench/results/migration_trace*.json [--slowest 5]
+
+Which requests set that p99 is the other half of the story: `--slowest N` lists each live
+run's N slowest by TTFT, next to the TTFT the simulator gives the same request of the
+trace under the same configuration (`simulated_ttfts`), so a tail that the fleet's
+dynamics explain reads apart from one that only the live run shows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Any
 import numpy as np
 
 from bench.report import RequestRecord, percentile
+from bench.simulator.scenario import Scenario, load_scenarios
+
+SCENARIO = Path(__file__).resolve().parent / "scenarios" / "migration_trace.yaml"
 
 TARGET_RATIO = 3.0  # p99 TTFT, migration off / on
 
@@ -87,6 +96,54 @@ def _summed(maps: Sequence[Mapping[str, float]]) -> dict[str, float]:
         for k, v in m.items():
             out[k] = out.get(k, 0.0) + v
     return {k: v for k, v in sorted(out.items()) if v}
+
+
+@dataclass(frozen=True)
+class SlowRequest:
+    """One of a live run's slowest requests by TTFT. Seconds of the simulated GPU."""
+
+    index: int  # position in the live plan: the trace slice's request number
+    arrival_s: float  # when the plan sent it, from the run's start
+    prompt_tokens: int
+    ttft_s: float  # live
+    sim_ttft_s: float | None = None  # the simulator's, for the same request and configuration
+
+
+def slowest(run: LiveRun, n: int, simulated: Mapping[int, tuple[int, float]] | None = None) -> list[SlowRequest]:
+    """The `n` requests of `run` with the longest TTFT, longest first. `simulated` maps a
+    request number to (prompt tokens, TTFT) in the simulator (`simulated_ttfts`); a
+    request's simulated TTFT is given only where the prompt lengths agree, so a plan that
+    numbers the trace differently shows no comparison rather than a wrong one."""
+    scale, simulated = run.time_scale, simulated or {}
+    timed = [(x.ttft_s / scale, x) for x in run.records if x.ok and x.ttft_s is not None]
+    timed.sort(key=lambda pair: (-pair[0], pair[1].index))
+    out = []
+    for ttft, x in timed[:n]:
+        sim = simulated.get(x.index)
+        out.append(SlowRequest(x.index, x.scheduled_s / scale, x.prompt_tokens, ttft,
+                               sim[1] if sim is not None and sim[0] == x.prompt_tokens else None))
+    return out
+
+
+def simulated_ttfts(scenario: Scenario, variant: str) -> dict[int, tuple[int, float]]:
+    """Request number -> (prompt tokens, TTFT in virtual seconds) of the scenario variant
+    run in the simulator (seconds of CPU for the trace slice); requests with no first token
+    are left out."""
+    from bench.simulator.simulation import Simulation
+
+    records = Simulation(scenario, variant).run().records
+    return {int(n): (int(p), float(t)) for n, p, t in zip(records.column("number"), records.column("prompt_tokens"),
+                                                          records.column("ttft_s")) if t == t}
+
+
+def print_slowest(runs: Sequence[LiveRun], n: int, simulated: Mapping[str, Mapping[int, tuple[int, float]]]) -> None:
+    """Each run's `slowest`, the simulator's TTFT beside it where `simulated` has the run's
+    configuration."""
+    for run in runs:
+        print(f"\n{run.name} #{run.run}: the {n} slowest requests (seconds of the simulated GPU)")
+        print(f"{'request':>8}{'arrival':>9}{'prompt':>8}{'TTFT live':>11}{'simulator':>11}")
+        for r in slowest(run, n, simulated.get(run.name)):
+            print(f"{r.index:>8}{r.arrival_s:>8.1f}s{r.prompt_tokens:>8}{_s(r.ttft_s):>11}{_s(r.sim_ttft_s):>11}")
 
 
 def sim_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,16 +267,31 @@ def live_runs(result: Mapping[str, Any]) -> list[LiveRun]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pool the live runs of several bench.migration_trace results")
     parser.add_argument("results", nargs="+", type=Path, help="JSON files that bench.migration_trace wrote")
+    parser.add_argument("--slowest", type=int, default=0, metavar="N",
+                        help="also list each run's N slowest requests, next to the simulator's TTFT for them")
+    parser.add_argument("--scenario", type=Path, default=SCENARIO,
+                        help="the scenario the runs replayed (for --slowest's simulator column)")
     args = parser.parse_args(argv)
+    if args.slowest < 0:
+        parser.error(f"--slowest must not be negative, got {args.slowest}")
     runs: list[LiveRun] = []
     for path in args.results:
-        found = live_runs(json.loads(path.read_text()))
+        try:
+            found = live_runs(json.loads(path.read_text()))
+        except OSError as e:
+            parser.error(f"{path}: {e.strerror or e}")
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a bench.migration_trace result
+            parser.error(f"{path}: not a bench.migration_trace result ({type(e).__name__}: {e})")
         print(f"{path}: {len(found)} live run(s)" + (" (none: a --skip-live result)" if not found else ""))
         runs += found
     scales = sorted({r.time_scale for r in runs})
     if len(scales) != 1:
         parser.error(f"the results' live runs must share one time scale to pool, got {scales or 'no live run'}")
     print_tables({"live": {"configs": summarize_live(runs), "ttft_p99_ratio_interval": ttft_interval(runs)}})
+    if args.slowest:
+        scenarios = load_scenarios(args.scenario)
+        names = [name for name in dict.fromkeys(r.name for r in runs) if name in scenarios]
+        print_slowest(runs, args.slowest, {name: simulated_ttfts(scenarios[name], name) for name in names})
     return 0
 
 

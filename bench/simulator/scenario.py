@@ -60,6 +60,9 @@ class TraceSource(_Strict):
     speedup: float = Field(default=1.0, gt=0)  # arrival rate multiplier
     max_requests: int | None = Field(default=None, gt=0)  # loop the trace up to this many
     duration_s: float | None = Field(default=None, gt=0)  # ... or this long
+    # move each arrival by a uniform draw in [-jitter_s, +jitter_s] s of the replay, seeded
+    # by simulation.seed: each seed is another equally likely replay of the same trace
+    jitter_s: float = Field(default=0.0, ge=0)
 
     @field_validator("name")
     @classmethod

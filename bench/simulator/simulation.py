@@ -317,8 +317,8 @@ def build_workload(scenario: Scenario, rng: np.random.Generator) -> TraceWorkloa
                   slo_mix=w.slo_mix or {config.default_slo_class: 1.0})
     if w.trace is not None:
         t = w.trace
-        return TraceWorkload(t.name, window_s=t.window_s, speedup=t.speedup,
-                             max_requests=t.max_requests, duration_s=t.duration_s, **common)
+        return TraceWorkload(t.name, window_s=t.window_s, speedup=t.speedup, max_requests=t.max_requests,
+                             duration_s=t.duration_s, jitter_s=t.jitter_s, **common)
     s = w.synthetic
 
     def law(c):

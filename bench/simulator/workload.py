@@ -107,14 +107,20 @@ class TraceWorkload:
     `window_s` keeps arrivals in [start, end) of the trace; `speedup` divides every
     arrival time (2.0: twice the rate); the result repeats back to back (each copy
     after the previous one's last arrival plus one mean gap) until `max_requests` or
-    `duration_s`, whichever comes first; without either it plays once.
+    `duration_s`, whichever comes first; without either it plays once. `jitter_s` moves
+    each arrival of the replay by a uniform draw in [-jitter_s, +jitter_s] seconds from
+    `rng` (none before 0; requests keep their lengths and are numbered in their new order):
+    a tail set by a handful of requests in a burst can then be read over many equally
+    likely replays rather than one. No jitter draws nothing, so other results do not move.
     """
 
     def __init__(self, trace: str, *, max_model_len: int, rng: np.random.Generator,
                  window_s: tuple[float, float] | None = None, speedup: float = 1.0,
                  max_requests: int | None = None, duration_s: float | None = None,
                  prefixes: PrefixGroups | None = None,
-                 slo_mix: Mapping[str, float] = {"default": 1.0}):
+                 slo_mix: Mapping[str, float] = {"default": 1.0}, jitter_s: float = 0.0):
+        if jitter_s < 0:
+            raise ValueError(f"jitter_s must not be negative, got {jitter_s}")
         rows = _load_trace(trace)
         if window_s is not None:
             rows = traces.window(rows, *window_s)
@@ -124,6 +130,10 @@ class TraceWorkload:
         self.times = np.array([r.arrival_s for r in rows])
         self.prompts = np.array([r.prompt_tokens for r in rows], dtype=np.int64)
         self.outputs = np.array([r.output_tokens for r in rows], dtype=np.int64)
+        if jitter_s > 0:
+            moved = np.maximum(self.times + rng.uniform(-jitter_s, jitter_s, self.times.size), 0.0)
+            order = np.argsort(moved, kind="stable")
+            self.times, self.prompts, self.outputs = moved[order], self.prompts[order], self.outputs[order]
         self.period_s = traces.span_s(rows) + traces.span_s(rows) / (len(rows) - 1)
         self.max_requests = max_requests if max_requests is not None else (
             None if duration_s is not None else len(rows))

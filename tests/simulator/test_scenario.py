@@ -45,6 +45,7 @@ def test_every_bundled_scenario_loads(path):
     ("fleet.pools.0.engine", "vllm", "fleet.pools[0].engine: the simulator runs sim engines only"),
     ("workload.trace.name", "nope", "workload.trace.name: unknown trace 'nope'"),
     ("workload.trace.speedup", 0, "workload.trace.speedup: Input should be greater than 0"),
+    ("workload.trace.jitter_s", -0.01, "workload.trace.jitter_s: Input should be greater than or equal to 0"),
     ("workload.model", "other", "workload.model: no model 'other'"),
     ("workload.slo_mix", {"gold": 1.0}, "workload.slo_mix: unknown SLO class(es) ['gold']"),
     ("routing", {"weights": {"psychic": 1}}, "routing.weights: Value error, unknown scorer(s) ['psychic']"),

@@ -36,6 +36,24 @@ def test_a_trace_loops_back_to_back_up_to_max_requests():
     assert [a.output_tokens for a in looped[n:2 * n]] == [a.output_tokens for a in looped[:n]]
 
 
+def test_jitter_moves_each_arrival_a_little_seeded_and_nothing_without_it():
+    plain = list(TraceWorkload("conv", max_model_len=100_000, rng=rng(), window_s=(0, 120)).arrivals())
+    assert list(TraceWorkload("conv", max_model_len=100_000, rng=rng(), window_s=(0, 120),
+                              jitter_s=0.0).arrivals()) == plain  # draws nothing: the same requests
+    jittered = [list(TraceWorkload("conv", max_model_len=100_000, rng=rng(seed), window_s=(0, 120),
+                                   jitter_s=0.5).arrivals()) for seed in (0, 0, 1)]
+    assert jittered[0] == jittered[1] and jittered[0] != jittered[2]  # a pure function of the seed
+    times = [a.time_s for a in jittered[0]]
+    assert times == sorted(times) and min(times) >= 0 and [a.number for a in jittered[0]] == list(range(len(plain)))
+    assert sorted(times) != pytest.approx(sorted(a.time_s for a in plain))
+    # every request keeps its lengths; moving each by at most 0.5 s moves each order statistic as little
+    assert sorted((a.prompt_tokens, a.output_tokens) for a in jittered[0]) == sorted(
+        (a.prompt_tokens, a.output_tokens) for a in plain)
+    assert np.all(np.abs(np.array(times) - np.array([a.time_s for a in plain])) <= 0.5 + 1e-9)
+    with pytest.raises(ValueError, match="jitter_s must not be negative"):
+        TraceWorkload("conv", max_model_len=4096, rng=rng(), window_s=(0, 60), jitter_s=-1.0)
+
+
 def test_requests_longer_than_the_context_are_clipped_prompt_first():
     workload = TraceWorkload("conv", max_model_len=512, rng=rng(), window_s=(0, 300))
     arrivals = list(workload.arrivals())

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from bench.migration_fleet import counter_series, series_value
-from bench.migration_trace_report import LiveRun, live_runs, main, ratio_interval, summarize_live, ttft_interval
+from bench.migration_trace_report import (
+    LiveRun,
+    SlowRequest,
+    live_runs,
+    main,
+    ratio_interval,
+    simulated_ttfts,
+    slowest,
+    summarize_live,
+    ttft_interval,
+)
 from bench.report import RequestRecord
 
 EXPOSITION = """\
@@ -85,3 +95,63 @@ def test_pooling_refuses_runs_at_different_time_scales(tmp_path):
             {"live": {"runs": [{**asdict(run), "records": [asdict(x) for x in run.records]}]}}))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+
+def test_slowest_lists_the_longest_ttfts_first_in_the_simulated_gpu_s_seconds():
+    records = tuple(RequestRecord(i, 2.0 * i, 2.0 * i, 100 + i, 2, (2.0 * i + t, 2.0 * i + t + 0.1), 2,
+                                  2.0 * i + t + 0.1, 200) for i, t in enumerate([0.5, 8.0, 0.5, 4.0, 4.0]))
+    failed = RequestRecord(5, 10.0, 10.0, 105, 2, (), 0, 10.0, None, error="timeout")
+    run = LiveRun("migration-on", 1, 4.0, records + (failed,), 0, {}, 0.8, 0.5, 10.0, 1.0, ())
+    # request 1 agrees with the simulator's prompt length, request 3 does not: no comparison there
+    simulated = {1: (101, 1.5), 3: (999, 0.2)}
+    assert slowest(run, 3, simulated) == [
+        SlowRequest(1, 0.5, 101, 2.0, 1.5),  # 8 s measured at time scale 4, sent at 2 s -> 0.5 s
+        SlowRequest(3, 1.5, 103, 1.0, None),
+        SlowRequest(4, 2.0, 104, 1.0, None),  # a tie goes to the earlier request
+    ]
+    assert [r.index for r in slowest(run, 10)] == [1, 3, 4, 0, 2]  # the failed request has no TTFT
+
+
+SMALL_SCENARIO = """\
+name: small
+fleet:
+  models: [{name: m, arch: llama-2-7b, tokenizer: byte, max_model_len: 4096}]
+  pools: [{name: l4, gpu_type: L4, model: m, replicas: 2, min_replicas: 2, max_replicas: 2}]
+  controller: {control_period_s: 0.5}
+workload: {trace: {name: conv, window_s: [1500, 1510], speedup: 0.33}}
+simulation: {seed: 7, replica_start_s: 0}
+variants:
+  migration-on: {hooks: [{name: migration}]}
+"""
+
+
+def test_the_report_lists_each_run_s_slowest_next_to_the_simulator_s_ttft(tmp_path, capsys):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_SCENARIO)
+    from bench.simulator.scenario import load_scenarios
+
+    simulated = simulated_ttfts(load_scenarios(path)["migration-on"], "migration-on")
+    assert simulated and all(prompt > 0 and ttft > 0 for prompt, ttft in simulated.values())
+    # a live run of the same requests whose request 0 took longest: 9 s at time scale 4
+    records = tuple(RequestRecord(n, 0.0, 0.0, prompt, 2, (9.0 if n == 0 else 0.4, 9.5), 2, 9.5, 200)
+                    for n, (prompt, _) in sorted(simulated.items()))
+    run = LiveRun("migration-on", 1, 4.0, records, 0, {}, 0.8, 0.5, 10.0, 1.0, ())
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps({"live": {"runs": [asdict(run)]}}))
+    assert main([str(result), "--slowest", "2", "--scenario", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    title = lines.index("migration-on #1: the 2 slowest requests (seconds of the simulated GPU)")
+    first = lines[title + 2].split()
+    assert first[0] == "0" and first[3] == "2.25s" and first[4] == f"{simulated[0][1]:.2f}s"
+    with pytest.raises(SystemExit):
+        main([str(result), "--slowest", "-1"])
+
+
+def test_the_report_names_a_missing_or_foreign_file(tmp_path, capsys):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"live": {"runs": [{"name": "migration-on"}]}}))
+    for path, message in ((tmp_path / "absent.json", "absent.json: No such file or directory"),
+                          (foreign, "foreign.json: not a bench.migration_trace result")):
+        with pytest.raises(SystemExit):
+            main([str(path)])
+        assert message in capsys.readouterr().err
