@@ -1,12 +1,20 @@
-"""`bench.migration_trace_windows`: windows of a trace, each replayed several times with
-its arrivals jittered, migration on against off (a two-replica fleet, 10 s of the trace)."""
+"""The migration trace benchmarks' simulator side (a two-replica fleet, 10 s of the trace):
+`bench.migration_trace_windows`, windows replayed several times with their arrivals
+jittered, migration on against off; and `bench.migration_trace_report --slowest`, a live
+run's slowest requests next to the simulator's TTFT for them."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
+from bench import migration_trace_report as report
+from bench.migration_trace_report import LiveRun, simulated_ttfts
 from bench.migration_trace_windows import in_window, main, run_window
+from bench.report import RequestRecord
 from bench.simulator.metrics import summarize
 from bench.simulator.scenario import load_scenarios
 from bench.simulator.simulation import Simulation
@@ -27,10 +35,15 @@ variants:
 
 
 @pytest.fixture(scope="module")
-def scenarios(tmp_path_factory):
+def small_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("windows") / "small.yaml"
     path.write_text(SMALL)
-    return load_scenarios(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenarios(small_path):
+    return load_scenarios(small_path)
 
 
 def test_one_replay_is_the_window_as_the_scenario_plays_it(scenarios):
@@ -62,3 +75,21 @@ def test_the_command_refuses_bad_replay_settings():
     for args in (["--draws", "0"], ["--draws", "2", "--jitter-s", "-1"]):
         with pytest.raises(SystemExit):
             main(args)
+
+
+def test_the_report_lists_each_run_s_slowest_next_to_the_simulator_s_ttft(small_path, scenarios, tmp_path, capsys):
+    simulated = simulated_ttfts(scenarios["migration-on"], "migration-on")
+    assert simulated and all(prompt > 0 and ttft > 0 for prompt, ttft in simulated.values())
+    # a live run of the same requests whose request 0 took longest: 9 s at time scale 4
+    records = tuple(RequestRecord(n, 0.0, 0.0, prompt, 2, (9.0 if n == 0 else 0.4, 9.5), 2, 9.5, 200)
+                    for n, (prompt, _) in sorted(simulated.items()))
+    run = LiveRun("migration-on", 1, 4.0, records, 0, {}, 0.8, 0.5, 10.0, 1.0, ())
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps({"live": {"runs": [asdict(run)]}}))
+    assert report.main([str(result), "--slowest", "2", "--scenario", str(small_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    title = lines.index("migration-on #1: the 2 slowest requests (seconds of the simulated GPU)")
+    first = lines[title + 2].split()
+    assert first[0] == "0" and first[3] == "2.25s" and first[4] == f"{simulated[0][1]:.2f}s"
+    with pytest.raises(SystemExit):
+        report.main([str(result), "--slowest", "-1"])

@@ -16,7 +16,6 @@ from bench.migration_trace_report import (
     live_runs,
     main,
     ratio_interval,
-    simulated_ttfts,
     slowest,
     summarize_live,
     ttft_interval,
@@ -110,41 +109,6 @@ def test_slowest_lists_the_longest_ttfts_first_in_the_simulated_gpu_s_seconds():
         SlowRequest(4, 2.0, 104, 1.0, None),  # a tie goes to the earlier request
     ]
     assert [r.index for r in slowest(run, 10)] == [1, 3, 4, 0, 2]  # the failed request has no TTFT
-
-
-SMALL_SCENARIO = """\
-name: small
-fleet:
-  models: [{name: m, arch: llama-2-7b, tokenizer: byte, max_model_len: 4096}]
-  pools: [{name: l4, gpu_type: L4, model: m, replicas: 2, min_replicas: 2, max_replicas: 2}]
-  controller: {control_period_s: 0.5}
-workload: {trace: {name: conv, window_s: [1500, 1510], speedup: 0.33}}
-simulation: {seed: 7, replica_start_s: 0}
-variants:
-  migration-on: {hooks: [{name: migration}]}
-"""
-
-
-def test_the_report_lists_each_run_s_slowest_next_to_the_simulator_s_ttft(tmp_path, capsys):
-    path = tmp_path / "small.yaml"
-    path.write_text(SMALL_SCENARIO)
-    from bench.simulator.scenario import load_scenarios
-
-    simulated = simulated_ttfts(load_scenarios(path)["migration-on"], "migration-on")
-    assert simulated and all(prompt > 0 and ttft > 0 for prompt, ttft in simulated.values())
-    # a live run of the same requests whose request 0 took longest: 9 s at time scale 4
-    records = tuple(RequestRecord(n, 0.0, 0.0, prompt, 2, (9.0 if n == 0 else 0.4, 9.5), 2, 9.5, 200)
-                    for n, (prompt, _) in sorted(simulated.items()))
-    run = LiveRun("migration-on", 1, 4.0, records, 0, {}, 0.8, 0.5, 10.0, 1.0, ())
-    result = tmp_path / "run.json"
-    result.write_text(json.dumps({"live": {"runs": [asdict(run)]}}))
-    assert main([str(result), "--slowest", "2", "--scenario", str(path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    title = lines.index("migration-on #1: the 2 slowest requests (seconds of the simulated GPU)")
-    first = lines[title + 2].split()
-    assert first[0] == "0" and first[3] == "2.25s" and first[4] == f"{simulated[0][1]:.2f}s"
-    with pytest.raises(SystemExit):
-        main([str(result), "--slowest", "-1"])
 
 
 def test_the_report_names_a_missing_or_foreign_file(tmp_path, capsys):
