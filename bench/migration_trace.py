@@ -46,6 +46,7 @@ from actors.replica_client import ReplicaClient
 from bench import loadgen, traces
 from bench.migration_fleet import FleetHandle, running_fleet
 from bench.migration_trace_report import (
+    SCENARIO,
     LiveRun,
     plot,
     print_slowest,
@@ -61,8 +62,6 @@ from bench.simulator.scenario import Scenario, load_scenarios
 from bench.time_scale import slowed
 from orchestrator.view_builder import replica_speed
 
-REPO = Path(__file__).resolve().parent.parent
-SCENARIO = REPO / "bench" / "scenarios" / "migration_trace.yaml"
 CONFIGS = ("migration-on", "migration-off", "round-robin", "power-of-two")
 SLOWEST = 5  # requests listed per live run, next to the simulator's TTFT for them
 _BY = ("reason", "outcome")  # flotilla_migrations_total keyed "reason/outcome"

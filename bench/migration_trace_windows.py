@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.migration_trace_report import SCENARIO
 from bench.report import RESULTS_DIR, machine, write_json
 from bench.simulator.metrics import summarize
 from bench.simulator.scenario import Scenario, load_scenarios
 from bench.simulator.simulation import Simulation
 
-SCENARIO = Path(__file__).resolve().parent / "scenarios" / "migration_trace.yaml"
 OFF = "migration-off"
 ON = ("migration-on", "migration-on-kv-copy")  # those the scenario has are compared with OFF
 

@@ -134,7 +134,8 @@ class TraceWorkload:
             moved = np.maximum(self.times + rng.uniform(-jitter_s, jitter_s, self.times.size), 0.0)
             order = np.argsort(moved, kind="stable")
             self.times, self.prompts, self.outputs = moved[order], self.prompts[order], self.outputs[order]
-        self.period_s = traces.span_s(rows) + traces.span_s(rows) / (len(rows) - 1)
+        span = float(self.times[-1] - self.times[0])  # of the arrivals as replayed, jitter included
+        self.period_s = span + span / (len(rows) - 1)  # so a copy starts after the last one's end
         self.max_requests = max_requests if max_requests is not None else (
             None if duration_s is not None else len(rows))
         self.duration_s = duration_s

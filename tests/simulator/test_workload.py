@@ -50,6 +50,10 @@ def test_jitter_moves_each_arrival_a_little_seeded_and_nothing_without_it():
     assert sorted((a.prompt_tokens, a.output_tokens) for a in jittered[0]) == sorted(
         (a.prompt_tokens, a.output_tokens) for a in plain)
     assert np.all(np.abs(np.array(times) - np.array([a.time_s for a in plain])) <= 0.5 + 1e-9)
+    # looped, each copy still starts after the last one's jittered end, however large the jitter
+    looped = [a.time_s for a in TraceWorkload("conv", max_model_len=100_000, rng=rng(), window_s=(0, 60),
+                                              jitter_s=5.0, max_requests=300).arrivals()]
+    assert len(looped) == 300 and looped == sorted(looped)
     with pytest.raises(ValueError, match="jitter_s must not be negative"):
         TraceWorkload("conv", max_model_len=4096, rng=rng(), window_s=(0, 60), jitter_s=-1.0)
 
